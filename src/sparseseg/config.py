@@ -1,0 +1,183 @@
+"""Experiment configuration: frozen, validated pydantic models that round-trip through YAML.
+
+Unknown keys are rejected (a misspelled key must not silently run on a default).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from sparseseg.errors import SparsesegError
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class BackboneConfig(_Frozen):
+    """Which diffusion UNet gives the pixel features, and where they are read."""
+
+    # --- checkpoint ---
+    name: Literal["adm"] = "adm"
+    checkpoint: Path | None = None
+    preset: str | None = None  # OpenAI flags for a plain state dict: imagenet_256, lsun_bedroom
+    config_file: Path | None = None  # guided-diffusion flags as JSON/YAML
+    # --- features (the paper's defaults: later denoising steps, decoder blocks of 4 scales) ---
+    timesteps: tuple[int, ...] = (50, 150, 250)
+    blocks: tuple[int, ...] = (5, 8, 12, 17)
+    device: str = "auto"  # auto = cuda when present
+    batch_size: int = Field(4, ge=1)  # images per UNet call
+
+
+class FeatureConfig(_Frozen):
+    """Noise samples and caching of the native-resolution maps."""
+
+    noise_samples: int = Field(5, ge=1)  # M in the paper's Eq. 6-7 (eDALD / DALD)
+    cache_gb: float = Field(4.0, ge=0)  # in-memory cache of native maps (float16); 0 disables
+    tile_pixels: int = Field(16384, ge=256)  # pixels per tile when predicting whole images
+
+
+class HeadConfig(_Frozen):
+    """The paper's MLP head and its optimiser (appendix B.3)."""
+
+    hidden: tuple[int, ...] | None = None  # None: (128, 32) under 30 classes, else (256, 128)
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    t_max: int = 5
+    eta_min: float = 1e-6
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(64, ge=2)
+    patience: int = Field(50, ge=1)  # early stop: iterations without loss improvement ...
+    target_accuracy: float = 0.95  # ... once training accuracy exceeds this (paper, Sec. 4.2)
+
+
+class StrategyConfig(_Frozen):
+    """How pixels are chosen each round (see `sparseseg.selection.strategies`)."""
+
+    name: str = "two_stage_edald"
+    candidates_per_image: int = Field(10000, ge=1)  # drawn from the image alone, capped at H*W
+    k_per_image: int = Field(50, ge=1)  # K: local MaxHerding picks per image
+    pool_ratio: float = Field(0.5, gt=0, le=1)  # M = pool_ratio * N * K
+    bandwidth_fraction: float = Field(0.01, gt=0, le=1)  # subsample for the median heuristic
+    herding: Literal["lazy", "naive", "stochastic"] = "lazy"
+
+
+class ExperimentConfig(_Frozen):
+    """A simulated active-learning experiment (the oracle is the ground-truth mask)."""
+
+    data: Path  # a prepared dataset (sparseseg prepare ...)
+    out: Path = Path("runs/experiment")
+    seed: int = 0
+    rounds: int = Field(10, ge=1)
+    budget: int | None = Field(None, ge=1)  # pixels per round; None: round(budget_fraction * N)
+    budget_fraction: float = Field(0.1, gt=0)
+    eval_split: str = "test"
+    train_split: str = "train"
+    preview_images: int = Field(4, ge=0)  # images drawn with their picks in each round's PNG
+    backbone: BackboneConfig = BackboneConfig()
+    features: FeatureConfig = FeatureConfig()
+    head: HeadConfig = HeadConfig()
+    strategy: StrategyConfig = StrategyConfig()
+
+    @model_validator(mode="after")
+    def _check_backbone(self) -> ExperimentConfig:
+        if self.backbone.checkpoint is None:
+            raise ValueError("backbone.checkpoint is required (an ADM .pt from OpenAI or `sparseseg pretrain`)")
+        return self
+
+    def budget_for(self, num_images: int) -> int:
+        """Pixels per round: the explicit count, else round(fraction * N), at least 1."""
+        return self.budget if self.budget is not None else max(1, round(self.budget_fraction * num_images))
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise SparsesegError(f"--set {dotted}: '{key}' is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
+    """Turn ["strategy.name=random", "rounds=3"] into a nested dict (values parsed as YAML)."""
+    tree: dict[str, Any] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise SparsesegError(f"--set {pair!r}: expected key=value, for example rounds=3")
+        key, raw = pair.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    return tree
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _format_validation(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: {where}: {first['msg']}{more}"
+
+
+def load_config(path: Path | None, overrides: list[str] | None = None, base: dict | None = None) -> ExperimentConfig:
+    """Read a YAML config, apply `--set` overrides, validate.
+
+    Relative paths inside the file are resolved against the file's folder, so a config can be
+    run from anywhere.
+    """
+    tree: dict[str, Any] = dict(base or {})
+    source = "config"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise SparsesegError(f"{path}: cannot read config ({exc.strerror})") from None
+        except yaml.YAMLError as exc:
+            raise SparsesegError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise SparsesegError(f"{path}: expected a mapping of settings at the top level")
+        tree = _merge(tree, _resolve_paths(loaded, Path(path).resolve().parent))
+    tree = _merge(tree, parse_overrides(overrides))
+    try:
+        config = ExperimentConfig.model_validate(tree)
+    except ValidationError as err:
+        raise SparsesegError(_format_validation(err, source)) from None
+    # Absolute paths from here on: a saved config means the same files from any working directory.
+    absolute = {"data": config.data.absolute(), "out": config.out.absolute()}
+    backbone = {k: getattr(config.backbone, k).absolute() for k in ("checkpoint", "config_file")
+                if getattr(config.backbone, k) is not None}
+    return config.model_copy(update={**absolute, "backbone": config.backbone.model_copy(update=backbone)})
+
+
+_PATH_KEYS = {("data",), ("out",), ("backbone", "checkpoint"), ("backbone", "config_file")}
+
+
+def _resolve_paths(tree: dict[str, Any], folder: Path) -> dict[str, Any]:
+    tree = {k: (dict(v) if isinstance(v, dict) else v) for k, v in tree.items()}
+    for keys in _PATH_KEYS:
+        node = tree
+        for key in keys[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(keys[-1]), str):
+            value = Path(node[keys[-1]]).expanduser()
+            node[keys[-1]] = str(value if value.is_absolute() else folder / value)
+    return tree
+
+
+def dump_config(config: ExperimentConfig) -> str:
+    """YAML text of a config, paths as strings, tuples as lists: load_config reads it back equal."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,173 @@
+"""Per-pixel multi-scale features, read from native-resolution maps without ever building the
+whole (N, H, W, D) tensor.
+
+The paper's feature of pixel x is: every (timestep, block) map upsampled bilinearly to the working
+resolution, concatenated over blocks and timesteps, then L2-normalised per pixel. Upsampling a map
+with `F.interpolate(mode="bilinear", align_corners=False)` and reading pixel (y, x) is the same as
+`F.grid_sample` of the native map at that pixel's centre (align_corners=False, border padding), so
+we sample only the pixels we need: a few hundred bytes each instead of H*W*D floats per image.
+
+Noise: sample 0 is the deterministic sample used for training, evaluation and herding; samples
+1..M are the eDALD/DALD noise samples and M+1 is the independent z(0). Each (seed, split, image,
+sample) gets its own Gaussian noise from a generator seeded by a hash of those four values, so a
+feature never depends on the order in which images are visited, and caching is only a speed-up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from sparseseg.backbones.base import FeatureBackbone
+from sparseseg.data.dataset import images_to_model_input
+
+DETERMINISTIC = 0
+
+
+def noise_seed(seed: int, split: str, image: int, sample: int) -> int:
+    """A stable 63-bit seed for one image's noise sample (independent of visiting order)."""
+    digest = hashlib.sha256(f"{seed}/{split}/{image}/{sample}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def pixel_grid(ys: torch.Tensor, xs: torch.Tensor, size: int) -> torch.Tensor:
+    """Normalised grid_sample coordinates of pixel centres, shape (1, 1, n, 2) as (x, y)."""
+    gx = (2 * xs.float() + 1) / size - 1
+    gy = (2 * ys.float() + 1) / size - 1
+    return torch.stack([gx, gy], dim=-1).view(1, 1, -1, 2)
+
+
+def sample_maps(maps: Sequence[torch.Tensor], ys: torch.Tensor, xs: torch.Tensor, size: int) -> torch.Tensor:
+    """Features of pixels (ys, xs) of one image, as if every map were upsampled to `size`.
+
+    Args:
+        maps: native maps of ONE image, each (C_i, h_i, w_i).
+        ys, xs: (n,) integer pixel coordinates at the working resolution `size`.
+
+    Returns:
+        (n, sum C_i) float32, L2-normalised per pixel.
+    """
+    grid = pixel_grid(ys, xs, size).to(maps[0].device)
+    parts = [
+        F.grid_sample(m[None].float(), grid, mode="bilinear", padding_mode="border", align_corners=False)[0, :, 0].T
+        for m in maps
+    ]
+    return F.normalize(torch.cat(parts, dim=1), dim=1)
+
+
+class FeatureStore:
+    """Features of one split's images under a backbone, with a bounded cache of native maps.
+
+    Args:
+        backbone: anything implementing `FeatureBackbone`.
+        images: (N, S, S, 3) uint8, S = working resolution.
+        seed: run seed (fixes every noise sample).
+        split: split name, part of the noise seed so train and test noises differ.
+        cache_gb: budget of the in-memory cache of native maps.
+        batch_size: images per backbone call.
+        device: where the backbone runs.
+        map_dtype: precision native maps are kept in. Maps are ALWAYS rounded to it, cached or not,
+            so a feature never depends on whether the cache had room (float16 halves the cache).
+    """
+
+    def __init__(
+        self,
+        backbone: FeatureBackbone,
+        images: torch.Tensor,
+        seed: int,
+        split: str,
+        cache_gb: float = 4.0,
+        batch_size: int = 4,
+        device: str | torch.device = "cpu",
+        map_dtype: torch.dtype = torch.float16,
+    ) -> None:
+        self.backbone = backbone
+        self.images = images
+        self.size = images.shape[1]
+        self.seed = seed
+        self.split = split
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.map_dtype = map_dtype
+        self.dim = sum(info.num_chs for info in backbone.feature_info)
+        self._cache: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self._cache_bytes = 0
+        self._cache_cap = int(cache_gb * 2**30)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    # ---------------------------------------------------------------- native maps
+    def _noise(self, image: int, sample: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(noise_seed(self.seed, self.split, image, sample))
+        s = self.backbone.input_size
+        return torch.randn(3, s, s, generator=gen)
+
+    def _model_input(self, image_ids: Sequence[int]) -> torch.Tensor:
+        x = images_to_model_input(self.images[list(image_ids)])
+        s = self.backbone.input_size
+        if s != self.size:
+            x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+        return x
+
+    def _compute(self, pairs: Sequence[tuple[int, int]]) -> list[list[torch.Tensor]]:
+        images = self._model_input([i for i, _ in pairs]).to(self.device)
+        noise = torch.stack([self._noise(i, s) for i, s in pairs]).to(self.device)
+        maps = [m.to(self.map_dtype) for m in self.backbone.extract(images, noise)]
+        return [[m[j] for m in maps] for j in range(len(pairs))]
+
+    def maps(self, pairs: Sequence[tuple[int, int]]) -> list[list[torch.Tensor]]:
+        """Native maps for each (image, sample) pair, computed in batches, cached while room lasts."""
+        out: dict[tuple[int, int], list[torch.Tensor]] = {}
+        todo = [p for p in dict.fromkeys(pairs) if p not in self._cache]
+        for start in range(0, len(todo), self.batch_size):
+            chunk = todo[start : start + self.batch_size]
+            for pair, maps in zip(chunk, self._compute(chunk), strict=True):
+                out[pair] = maps
+                self._remember(pair, maps)
+        return [self._cache[p] if p in self._cache else out[p] for p in pairs]
+
+    def _remember(self, pair: tuple[int, int], maps: list[torch.Tensor]) -> None:
+        nbytes = sum(m.numel() * m.element_size() for m in maps)
+        if self._cache_bytes + nbytes <= self._cache_cap:
+            self._cache[pair] = [m.to("cpu") for m in maps]
+            self._cache_bytes += nbytes
+
+    def _ready(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [m.to(self.device, torch.float32) for m in maps]
+
+    # ---------------------------------------------------------------- pixel features
+    def at_pixels(
+        self,
+        image_ids: torch.Tensor,
+        ys: torch.Tensor,
+        xs: torch.Tensor,
+        sample: int = DETERMINISTIC,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> torch.Tensor:
+        """Features of arbitrary pixels across images: (n, D) float32 on CPU, in input order."""
+        out = torch.empty(len(image_ids), self.dim)
+        order = torch.argsort(image_ids, stable=True)
+        uniq, counts = torch.unique_consecutive(image_ids[order], return_counts=True)
+        groups = list(zip(uniq.tolist(), torch.split(order, counts.tolist()), strict=True))
+        for start in range(0, len(groups), self.batch_size):
+            batch = groups[start : start + self.batch_size]
+            maps = self.maps([(img, sample) for img, _ in batch])
+            for (_, idx), image_maps in zip(batch, maps, strict=True):
+                out[idx] = sample_maps(self._ready(image_maps), ys[idx], xs[idx], self.size).cpu()
+            if progress is not None:
+                progress(min(start + self.batch_size, len(groups)), len(groups))
+        return out
+
+    def image_tiles(self, image: int, sample: int = DETERMINISTIC, tile_pixels: int = 16384) -> Iterator[torch.Tensor]:
+        """Whole-image features in row-major tiles of at most `tile_pixels` pixels, each (n, D).
+
+        Memory stays at one tile (tile_pixels x D floats) however large the image.
+        """
+        maps = self._ready(self.maps([(image, sample)])[0])
+        flat = torch.arange(self.size * self.size)
+        for chunk in torch.split(flat, tile_pixels):
+            yield sample_maps(maps, chunk // self.size, chunk % self.size, self.size)

@@ -1,0 +1,106 @@
+"""The pixel classifier: the paper's MLP head (as in LEDM), its training and its prediction.
+
+Only the labelled pixels' features are needed to train it, and they are extracted once per round
+(the reference code re-ran the UNet on whole images every batch of every epoch).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sparseseg.config import HeadConfig
+
+
+def default_hidden(num_classes: int) -> tuple[int, int]:
+    """(128, 32) under 30 classes, (256, 128) otherwise (paper, appendix B.3)."""
+    return (128, 32) if num_classes < 30 else (256, 128)
+
+
+def make_head(dim: int, num_classes: int, hidden: tuple[int, ...] | None = None) -> nn.Sequential:
+    """MLP dim -> h1 -> h2 -> C with ReLU then BatchNorm after each hidden layer; returns logits."""
+    layers: list[nn.Module] = []
+    width = dim
+    for h in hidden or default_hidden(num_classes):
+        layers += [nn.Linear(width, h), nn.ReLU(), nn.BatchNorm1d(h)]
+        width = h
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+def train_head(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    config: HeadConfig,
+    seed: int,
+    device: str | torch.device = "cpu",
+) -> nn.Sequential:
+    """Train a fresh head on labelled pixels with cross-entropy.
+
+    Adam (lr 1e-3, weight decay 1e-5) and cosine annealing (T_max 5, eta_min 1e-6) stepped per
+    epoch, as in the paper; early stop once the loss has not improved for `patience` iterations
+    while training accuracy is above `target_accuracy` (paper, Sec. 4.2).
+
+    Args:
+        features: (n, D) float features of the labelled pixels.
+        labels: (n,) class ids in [0, C).
+        seed: fixes initialisation and batch order, so a round can be replayed exactly.
+
+    Returns:
+        The trained head in eval mode, on `device`.
+    """
+    # One thread: a multi-threaded CPU BLAS may split sums differently under load, and a replayed
+    # round must train the same head bit for bit. The head is small; one thread costs little.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(features, labels, num_classes, config, seed, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(features, labels, num_classes, config, seed, device) -> nn.Sequential:
+    if len(labels) == 0:
+        raise ValueError("train_head needs at least one labelled pixel")
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    head = make_head(features.shape[1], num_classes, config.hidden).to(device)
+    # BatchNorm needs two samples in a batch: with a single labelled pixel, show it twice.
+    if len(labels) == 1:
+        features, labels = features.repeat(2, 1), labels.repeat(2)
+    x, y = features.to(device), labels.to(device).long()
+    opt = torch.optim.Adam(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.t_max, eta_min=config.eta_min)
+    loss_fn = nn.CrossEntropyLoss()
+    best, since_best = float("inf"), 0
+    head.train()
+    for _ in range(config.epochs):
+        perm = torch.randperm(len(y), generator=gen).to(device)
+        batches = list(torch.split(perm, config.batch_size))
+        if len(batches) > 1 and len(batches[-1]) == 1:  # a batch of one breaks BatchNorm
+            batches[-2] = torch.cat(batches[-2:])
+            batches.pop()
+        for idx in batches:
+            logits = head(x[idx])
+            loss = loss_fn(logits, y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            accuracy = (logits.argmax(1) == y[idx]).float().mean().item()
+            if loss.item() < best - 1e-6:
+                best, since_best = loss.item(), 0
+            else:
+                since_best += 1
+            if since_best >= config.patience and accuracy > config.target_accuracy:
+                return head.eval()
+        sched.step()
+    return head.eval()
+
+
+@torch.no_grad()
+def predict_proba(head: nn.Module, features: torch.Tensor, batch: int = 65536) -> torch.Tensor:
+    """Softmax probabilities (n, C) for features (n, D), in batches, head in eval mode."""
+    device = next(head.parameters()).device
+    out = [torch.softmax(head(chunk.to(device)).float(), dim=1).cpu() for chunk in torch.split(features, batch)]
+    return torch.cat(out) if out else torch.empty(0, head[-1].out_features)

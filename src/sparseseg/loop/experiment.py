@@ -1,0 +1,293 @@
+"""The simulated active-learning experiment: select, answer from ground truth, retrain, evaluate.
+
+A run directory tells everything about a run:
+
+    config.yaml        the resolved config (a resumed run must match it)
+    meta.json          versions, hardware, dataset and backbone summary
+    rounds.jsonl       one JSON line per finished round: labels, mIoU, per-class IoU, pixel
+                       accuracy, seconds and peak memory of each phase
+    picks/round_XX.csv the pixels chosen in round XX (image, y, x, class, round)
+    labels.csv         every labelled pixel so far
+    previews/round_XX.png  picks and predictions on a few training images
+    head.pt            the latest head (state dict + what it was trained on)
+
+A round's line in rounds.jsonl is written last, after its other files: a round without a line is
+incomplete and is replayed on resume. Every random draw of round r is seeded by (seed, r, purpose),
+so a resumed run ends identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sparseseg import __version__
+from sparseseg.config import ExperimentConfig, dump_config, load_config
+from sparseseg.data.dataset import Split, load_meta, load_split
+from sparseseg.errors import SparsesegError
+from sparseseg.features.store import DETERMINISTIC, FeatureStore
+from sparseseg.head.mlp import predict_proba, train_head
+from sparseseg.labels import IGNORE, PixelLabels
+from sparseseg.loop.metrics import ConfusionMatrix
+from sparseseg.loop.preview import save_preview
+from sparseseg.selection.strategies import RoundContext, create_strategy, derived_generator
+
+Progress = Callable[[str, int, int], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' means CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory so far: CUDA allocator peak on GPU, else the process's resident high-water mark."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+@dataclass
+class StepResult:
+    """What one round produced; `record` is the line written to rounds.jsonl."""
+
+    round: int
+    record: dict
+    done: bool
+
+
+def load_backbone(config: ExperimentConfig, device: torch.device, size: int):
+    """The configured backbone, running at the checkpoint's trained size (else the data's)."""
+    from sparseseg.backbones.adm import ADMBackbone
+
+    bb = config.backbone
+    return ADMBackbone.from_checkpoint(
+        bb.checkpoint, timesteps=bb.timesteps, blocks=bb.blocks, input_size=None,
+        preset=bb.preset, config_file=bb.config_file, device=str(device), default_size=size,
+    )
+
+
+class Experiment:
+    """One strategy, one seed, R rounds, in one run directory (created or resumed)."""
+
+    def __init__(self, config: ExperimentConfig, progress: Progress | None = None) -> None:
+        self.config = config
+        self.progress = progress
+        self.out = Path(config.out)
+        self.device = resolve_device(config.backbone.device)
+        self._prepare_run_dir()
+        self.meta = load_meta(config.data)
+        self.class_names = list(self.meta.classes)
+        self.train = self._load(config.train_split, need_masks=True)
+        self.test = self._load(config.eval_split, need_masks=True)
+        self.budget = config.budget_for(len(self.train.names))
+        self.strategy = create_strategy(config.strategy)
+        self.backbone = load_backbone(config, self.device, self.meta.size)
+        feat = config.features
+        self.train_store = FeatureStore(self.backbone, self.train.images, config.seed, config.train_split,
+                                        feat.cache_gb * 0.75, config.backbone.batch_size, self.device)
+        self.test_store = FeatureStore(self.backbone, self.test.images, config.seed, config.eval_split,
+                                       feat.cache_gb * 0.25, config.backbone.batch_size, self.device)
+        self.records = self._read_records()
+        self.labels = self._read_labels()
+        self.head = None
+        self._label_feats = torch.empty(0, self.train_store.dim)
+        if self.records:
+            self._retrain(self.completed)
+        self._write_meta()
+
+    # ------------------------------------------------------------------ run directory
+    @property
+    def completed(self) -> int:
+        return len(self.records)
+
+    def _prepare_run_dir(self) -> None:
+        text = dump_config(self.config)
+        path = self.out / "config.yaml"
+        if path.exists():
+            saved = load_config(path)
+            if saved != self.config:
+                raise SparsesegError(
+                    f"{path}: this run directory holds a run with a different config; "
+                    "resume it with the same config or choose another out directory"
+                )
+            return
+        if self.out.exists() and any(self.out.iterdir()):
+            raise SparsesegError(f"{self.out}: directory is not empty and holds no sparseseg run; choose another out")
+        (self.out / "picks").mkdir(parents=True, exist_ok=True)
+        (self.out / "previews").mkdir(exist_ok=True)
+        _atomic_write(path, text)
+
+    def _load(self, split: str, need_masks: bool) -> Split:
+        data = load_split(self.config.data, split, progress=self._tick(f"loading {split}"))
+        if need_masks and data.masks is None:
+            raise SparsesegError(f"{self.config.data}/{split}: no masks; the simulated loop needs ground truth")
+        return data
+
+    def _read_records(self) -> list[dict]:
+        path = self.out / "rounds.jsonl"
+        if not path.exists():
+            return []
+        records = []
+        lines = path.read_text().splitlines()
+        for line in lines:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a torn last line is an unfinished round: replay it
+        if len(records) < len(lines):  # drop the torn tail so the next append starts a clean line
+            _atomic_write(path, "".join(json.dumps(r) + "\n" for r in records))
+        return records
+
+    def _read_labels(self) -> PixelLabels:
+        path = self.out / "labels.csv"
+        if not path.exists():
+            return PixelLabels()
+        return PixelLabels.read_csv(path, self.train.names).upto(self.completed)
+
+    def _write_meta(self) -> None:
+        info = {
+            "sparseseg_version": __version__,
+            "torch_version": torch.__version__,
+            "python": platform.python_version(),
+            "hardware": {
+                "platform": platform.platform(),
+                "cpu": platform.processor() or platform.machine(),
+                "cpu_threads": torch.get_num_threads(),
+                "device": str(self.device),
+                "cuda": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
+            },
+            "dataset": {"root": str(self.config.data), "name": self.meta.name, "classes": self.class_names,
+                        "size": self.meta.size, "train_images": len(self.train.names),
+                        "test_images": len(self.test.names)},
+            "backbone": {"checkpoint": str(self.config.backbone.checkpoint),
+                         "input_size": self.backbone.input_size, "feature_dim": self.train_store.dim,
+                         "maps": [vars(i) for i in self.backbone.feature_info]},
+            "budget_per_round": self.budget,
+        }
+        _atomic_write(self.out / "meta.json", json.dumps(info, indent=2))
+
+    # ------------------------------------------------------------------ helpers
+    def _tick(self, task: str) -> Callable[[int, int], None] | None:
+        if self.progress is None:
+            return None
+        return lambda done, total: self.progress(task, done, total)
+
+    @contextmanager
+    def _phase(self, timings: dict, name: str) -> Iterator[None]:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        yield
+        timings[name] = {"seconds": round(time.perf_counter() - start, 3),
+                         "peak_gb": round(peak_memory_gb(self.device), 3)}
+
+    def _update_label_features(self) -> None:
+        """Extract features of newly labelled pixels only; earlier ones are kept."""
+        new = slice(len(self._label_feats), len(self.labels))
+        if new.start == new.stop:
+            return
+        lab = self.labels
+        feats = self.train_store.at_pixels(lab.image[new], lab.y[new], lab.x[new], DETERMINISTIC)
+        self._label_feats = torch.cat([self._label_feats, feats])
+
+    def _retrain(self, round: int) -> None:
+        self._update_label_features()
+        keep = self.labels.trainable()
+        if not keep.any():
+            self.head = None
+            return
+        seed = int(derived_generator(self.config.seed, "head", round).initial_seed())
+        self.head = train_head(self._label_feats[keep], self.labels.cls[keep], len(self.class_names),
+                               self.config.head, seed, self.device)
+
+    def predict(self, store: FeatureStore, image: int) -> torch.Tensor:
+        """(S, S) predicted class ids of one image, computed tile by tile."""
+        tiles = [predict_proba(self.head, t).argmax(1) for t in store.image_tiles(image, DETERMINISTIC,
+                                                                                   self.config.features.tile_pixels)]
+        return torch.cat(tiles).view(store.size, store.size)
+
+    def evaluate(self) -> dict:
+        """Confusion-matrix mIoU over the whole evaluation split."""
+        cm = ConfusionMatrix(len(self.class_names), ignore_index=IGNORE)
+        tick = self._tick("evaluating")
+        for i in range(len(self.test_store)):
+            cm.update(self.predict(self.test_store, i), self.test.masks[i])
+            if tick:
+                tick(i + 1, len(self.test_store))
+        return cm.to_dict(self.class_names)
+
+    # ------------------------------------------------------------------ the loop
+    def step(self) -> StepResult:
+        """Run the next round and write its files; returns its record."""
+        r = self.completed + 1
+        if r > self.config.rounds:
+            return StepResult(self.completed, self.records[-1] if self.records else {}, True)
+        timings: dict = {}
+        # 1. select b pixels (round 1 has no head: coverage alone)
+        with self._phase(timings, "select"):
+            ctx = RoundContext(self.train_store, self.labels, self.head, self.budget, r, self.config.seed,
+                               self.config.features.noise_samples,
+                               (lambda task, d, t: self.progress(task, d, t)) if self.progress else None)
+            picks = self.strategy.select(ctx)
+        # 2. the oracle answers from the ground-truth mask (void stays void: budget spent, not trained on)
+        answers = self.train.masks[picks.image, picks.y, picks.x].long()
+        self.labels.add(picks.image, picks.y, picks.x, answers, r)
+        # 3. retrain the head on every labelled pixel (features of new ones extracted once)
+        with self._phase(timings, "train"):
+            self._retrain(r)
+        # 4. evaluate on the whole evaluation split
+        with self._phase(timings, "evaluate"):
+            metrics = self.evaluate() if self.head is not None else {"miou": 0.0, "pixel_accuracy": 0.0}
+        record = {
+            "round": r,
+            "strategy": self.config.strategy.name,
+            "seed": self.config.seed,
+            "new_pixels": len(picks.image),
+            "labelled": len(self.labels),
+            "trainable": int(self.labels.trainable().sum()),
+            "void_answers": int((answers == IGNORE).sum()),
+            **metrics,
+            "selection": picks.info,
+            "phases": timings,
+        }
+        self._write_round(r, record)
+        return StepResult(r, record, r >= self.config.rounds)
+
+    def _write_round(self, r: int, record: dict) -> None:
+        self.labels.subset(self.labels.round == r).write_csv(self.out / "picks" / f"round_{r:02d}.csv", self.train.names, self.class_names)
+        self.labels.write_csv(self.out / "labels.csv", self.train.names, self.class_names)
+        if self.config.preview_images:
+            save_preview(self.out / "previews" / f"round_{r:02d}.png", self, r)
+        if self.head is not None:
+            tmp = self.out / "head.pt.tmp"
+            torch.save({"round": r, "state_dict": self.head.state_dict(), "classes": self.class_names,
+                        "feature_dim": self.train_store.dim}, tmp)
+            tmp.replace(self.out / "head.pt")
+        with (self.out / "rounds.jsonl").open("a") as fh:  # the commit point of the round
+            fh.write(json.dumps(record) + "\n")
+        self.records.append(record)
+
+    def run(self) -> list[dict]:
+        """Run (or resume) until the configured number of rounds; returns every round's record."""
+        while self.completed < self.config.rounds:
+            self.step()
+            if self.progress:
+                self.progress("rounds", self.completed, self.config.rounds)
+        return self.records
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -1,0 +1,58 @@
+"""A PNG per round that a person can look at: where the picks landed, and what the head predicts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from sparseseg.labels import IGNORE
+
+if TYPE_CHECKING:
+    from sparseseg.loop.experiment import Experiment
+
+PANEL = 256  # pixels per panel side: small working resolutions are upscaled to stay visible
+
+
+def colourise(mask: torch.Tensor, palette: list[list[int]]) -> np.ndarray:
+    """(H, W) class ids -> (H, W, 3) uint8 with the dataset palette, void in black."""
+    lut = np.zeros((256, 3), dtype=np.uint8)
+    lut[: len(palette)] = np.asarray(palette, dtype=np.uint8)
+    return lut[mask.numpy().astype(np.uint8)]
+
+
+def save_preview(path: Path, exp: Experiment, round: int) -> None:
+    """One row per preview image: image with all picks (this round's ringed in white), the
+    prediction of the current head, and the ground truth."""
+    labels = exp.labels
+    new = labels.image[labels.round == round].unique().tolist()
+    shown = (new + [i for i in range(len(exp.train.names)) if i not in new])[: exp.config.preview_images]
+    size = exp.train_store.size
+    scale = max(1, PANEL // size)
+    side = size * scale
+    sheet = Image.new("RGB", (3 * side + 20, len(shown) * (side + 10)), "white")
+    palette = [list(c) for c in exp.meta.palette]
+    for row, img in enumerate(shown):
+        top = row * (side + 10)
+        picture = Image.fromarray(exp.train.images[img].numpy()).resize((side, side), Image.NEAREST)
+        draw = ImageDraw.Draw(picture)
+        mine = (labels.image == img).nonzero().flatten().tolist()
+        for j in mine:
+            cy, cx = (labels.y[j].item() + 0.5) * scale, (labels.x[j].item() + 0.5) * scale
+            cls = labels.cls[j].item()
+            fill = tuple(palette[cls]) if cls != IGNORE else (0, 0, 0)
+            ring = "white" if labels.round[j].item() == round else "grey"
+            r = max(3, scale * 1.5)
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill, outline=ring, width=2)
+        sheet.paste(picture, (0, top))
+        if exp.head is not None:
+            pred = colourise(exp.predict(exp.train_store, img), palette)
+            sheet.paste(Image.fromarray(pred).resize((side, side), Image.NEAREST), (side + 10, top))
+        truth = colourise(exp.train.masks[img], palette)
+        sheet.paste(Image.fromarray(truth).resize((side, side), Image.NEAREST), (2 * side + 20, top))
+    tmp = path.with_suffix(".tmp.png")
+    sheet.save(tmp)
+    tmp.replace(path)
