@@ -65,3 +65,22 @@ def test_cache_is_only_a_speedup():
     torch.testing.assert_close(results["some"], results["none"], rtol=0, atol=0)
     # float16 maps: equal to float32 features within half precision
     torch.testing.assert_close(results["all"], exact, rtol=2e-3, atol=2e-3)
+
+
+def test_small_requests_are_remembered_without_rerunning_the_backbone():
+    images = torch.randint(0, 256, (3, 16, 16, 3), dtype=torch.uint8)
+    store = _store(images, cache_gb=0.0)
+    store._cache_cap = 1000  # bytes: room for a few pixel features (48 B each), none for maps (6 KB)
+    store.pixel_cache_limit = 4
+    calls = []
+    extract = store.backbone.extract
+    store.backbone.extract = lambda x, n: calls.append(len(x)) or extract(x, n)
+    ids, ys, xs = torch.tensor([0, 0, 2]), torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])
+    first = store.at_pixels(ids, ys, xs, sample=1)
+    assert sum(calls) == 2 and not store._cache  # images 0 and 2, maps not kept
+    torch.testing.assert_close(store.at_pixels(ids, ys, xs, sample=1), first, rtol=0, atol=0)
+    assert sum(calls) == 2  # answered from remembered pixels
+    store.at_pixels(torch.tensor([0]), torch.tensor([9]), torch.tensor([9]), sample=1)
+    assert sum(calls) == 3  # a new pixel of image 0 needs its maps again
+    store.at_pixels(torch.zeros(5, dtype=torch.long), torch.arange(5), torch.arange(5), sample=1)
+    assert len(store._pixels[(0, 1)]) == 3  # a request above the limit is not remembered

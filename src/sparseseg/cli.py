@@ -7,7 +7,6 @@ becomes one red line on stderr and exit code 2.
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,7 +14,14 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from sparseseg.errors import SparsesegError
@@ -231,4 +237,3 @@ if __name__ == "__main__":  # pragma: no cover
     main()
 
 
-__all__ = ["app", "json"]

@@ -146,7 +146,8 @@ class ADMFlags(pydantic.BaseModel):
                     f"set channel_mult or use image_size in {sorted(DEFAULT_CHANNEL_MULT)}"
                 )
             return DEFAULT_CHANNEL_MULT[self.image_size]
-        return _parse_numbers(self.channel_mult, float, "channel_mult")
+        mults = _parse_numbers(self.channel_mult, float, "channel_mult")
+        return tuple(int(m) if m.is_integer() else m for m in mults)
 
     def attention_downsample_rates(self) -> tuple[int, ...]:
         """Downsampling factors with attention, parsed as guided-diffusion does: image_size // res."""
@@ -196,7 +197,9 @@ class ADMFlags(pydantic.BaseModel):
         if isinstance(data, dict) and isinstance(data.get("guided_diffusion_flags"), dict):
             data = data["guided_diffusion_flags"]
         if not isinstance(data, dict):
-            raise SparsesegError(f"{path}: expected a mapping of guided-diffusion flags, got {type(data).__name__}")
+            raise SparsesegError(
+                f"{path}: expected a mapping of guided-diffusion flags, got {type(data).__name__}"
+            )
         return cls.from_mapping(data, source=str(path))
 
 
@@ -207,7 +210,11 @@ def _describe_validation_error(err: pydantic.ValidationError) -> str:
         key = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             close = difflib.get_close_matches(key, ADMFlags.model_fields, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(ADMFlags.model_fields)}"
+            hint = (
+                f"; did you mean {close[0]!r}?"
+                if close
+                else f"; valid keys: {', '.join(ADMFlags.model_fields)}"
+            )
             parts.append(f"unknown key {key!r}{hint}")
         elif key:
             parts.append(f"key {key!r}: {e['msg']} (got {e.get('input')!r})")
@@ -275,7 +282,9 @@ def download_preset(name: str, dest_dir: str | Path) -> Path:
         # Writes to a temporary file and renames it, so a failed download leaves nothing at dest.
         torch.hub.download_url_to_file(url, str(dest), progress=True)
     except OSError as err:  # URLError, HTTPError and socket errors are all OSErrors
-        raise SparsesegError(f"cannot download {url} ({err}); fetch it by hand and save it as {dest}") from None
+        raise SparsesegError(
+            f"cannot download {url} ({err}); fetch it by hand and save it as {dest}"
+        ) from None
     return dest
 
 
@@ -397,7 +406,9 @@ class ResBlock(TimestepBlock):
         out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
         self.use_checkpoint = use_checkpoint
-        self.in_layers = nn.Sequential(_norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(
+            _norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
         self.updown = up or down
         if up:
             self.h_upd, self.x_upd = Upsample(channels, False), Upsample(channels, False)
@@ -414,7 +425,9 @@ class ResBlock(TimestepBlock):
             nn.Dropout(p=dropout),
             _zero(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
         )
-        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+        self.skip_connection = (
+            nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+        )
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W), (N, emb) -> (N, C_out, H', W')."""
@@ -567,7 +580,9 @@ class ADMUNet(nn.Module):
                 if ds in attention_ds:
                     layers.append(attn(ch, heads_up))
                 if level and i == flags.num_res_blocks:
-                    layers.append(res(ch, ch, up=True) if flags.resblock_updown else Upsample(ch, use_conv=True))
+                    layers.append(
+                        res(ch, ch, up=True) if flags.resblock_updown else Upsample(ch, use_conv=True)
+                    )
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
                 channels.append(ch)
@@ -679,10 +694,14 @@ def _read_checkpoint(path: Path) -> _Checkpoint:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load raises many types (pickle, zip, EOF, runtime) on corrupt files
         first = str(err).splitlines()[0] if str(err) else ""
-        raise SparsesegError(f"{path}: cannot read checkpoint ({type(err).__name__}: {first[:200]})") from None
+        raise SparsesegError(
+            f"{path}: cannot read checkpoint ({type(err).__name__}: {first[:200]})"
+        ) from None
     if isinstance(obj, dict) and "sparseseg_adm" in obj:
         if obj["sparseseg_adm"] != 1 or not isinstance(obj.get("flags"), dict):
-            raise SparsesegError(f"{path}: unsupported sparseseg checkpoint version {obj['sparseseg_adm']!r}")
+            raise SparsesegError(
+                f"{path}: unsupported or damaged sparseseg checkpoint (version {obj['sparseseg_adm']!r})"
+            )
         state = obj["ema"] if obj.get("ema") is not None else obj["model"]
         return _Checkpoint(state, obj["flags"], obj.get("input_size"))
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -703,14 +722,26 @@ def _check_fits(state: Mapping[str, torch.Tensor], model: nn.Module, path: Path,
     if not (missing or unexpected or shapes):
         return
     parts = []
-    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+    for label, items in (
+        ("missing keys", missing),
+        ("unexpected keys", unexpected),
+        ("shape mismatches", shapes),
+    ):
         if items:
             more = f", ... {len(items) - 5} more" if len(items) > 5 else ""
             parts.append(f"{len(items)} {label} ({', '.join(items[:5])}{more})")
+    # The first and last layers reveal the width and learn_sigma: worth saying, as they are the
+    # flags most often wrong.
+    seen = []
+    if "time_embed.0.weight" in state and state["time_embed.0.weight"].ndim == 2:
+        seen.append(f"num_channels={state['time_embed.0.weight'].shape[1]}")
+    if "out.2.weight" in state:
+        seen.append(f"learn_sigma={state['out.2.weight'].shape[0] == 6}")
+    hint = f" (the checkpoint looks like {', '.join(seen)})" if seen else ""
     raise SparsesegError(
         f"{path} does not fit the flags (num_channels={flags.num_channels}, channel_mult={flags.channel_mults()}, "
         f"num_res_blocks={flags.num_res_blocks}, learn_sigma={flags.learn_sigma}): {'; '.join(parts)}. "
-        "Check --preset/--config."
+        f"Check --preset/--config{hint}."
     )
 
 
@@ -880,7 +911,11 @@ class ADMBackbone:
         if images.ndim != 4 or tuple(images.shape[1:]) != (3, s, s):
             raise SparsesegError(f"images of shape {tuple(images.shape)}: expected (B, 3, {s}, {s})")
         noise = self._default_noise() if noise is None else noise
-        if noise.ndim != 4 or tuple(noise.shape[1:]) != (3, s, s) or noise.shape[0] not in (1, images.shape[0]):
+        if (
+            noise.ndim != 4
+            or tuple(noise.shape[1:]) != (3, s, s)
+            or noise.shape[0] not in (1, images.shape[0])
+        ):
             raise SparsesegError(f"noise of shape {tuple(noise.shape)}: expected (B or 1, 3, {s}, {s})")
         b = images.shape[0]
         images = images.to(self.device, torch.float32)
@@ -892,7 +927,9 @@ class ADMBackbone:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.fast):
             maps = self.model.forward_blocks(x_t, t, self.blocks)
-        return [maps[blk][i * b : (i + 1) * b].float() for i in range(len(self.timesteps)) for blk in self.blocks]
+        return [
+            maps[blk][i * b : (i + 1) * b].float() for i in range(len(self.timesteps)) for blk in self.blocks
+        ]
 
 
 def block_outputs(

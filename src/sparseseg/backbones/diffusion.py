@@ -108,9 +108,10 @@ class NoiseSchedule:
         Returns:
             (B, C, H, W) x_t in x0's dtype.
         """
-        return self._coef(self.sqrt_alphas_cumprod, t, x0) * x0 + self._coef(
-            self.sqrt_one_minus_alphas_cumprod, t, x0
-        ) * noise
+        return (
+            self._coef(self.sqrt_alphas_cumprod, t, x0) * x0
+            + self._coef(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        )
 
     def training_loss(
         self,

@@ -97,8 +97,10 @@ def _read_run(out: Path, flags: ADMFlags, size: int) -> dict:
     try:
         ckpt = torch.load(out, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load raises many types on corrupt files
-        raise SparsesegError(f"{out}: cannot read checkpoint to resume ({type(err).__name__}); "
-                             "pass resume=False (--no-resume) to start over") from None
+        raise SparsesegError(
+            f"{out}: cannot read checkpoint to resume ({type(err).__name__}); "
+            "pass resume=False (--no-resume) to start over"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("sparseseg_adm") != 1:
         raise SparsesegError(f"{out}: not a sparseseg pretrain checkpoint; choose another output path")
     if ckpt.get("flags") != flags.model_dump() or ckpt.get("input_size") != size:
@@ -148,7 +150,8 @@ def pretrain_adm(
         seed: seeds the initial weights and the data/noise stream.
         ema_decay: final EMA decay.
         checkpoint_every: also write the checkpoint every this many steps.
-        resume: continue from `out` if it exists (it must hold the same channels and size).
+        resume: continue from `out` if it exists (it must hold the same channels and size);
+            nothing is trained if it already holds `steps` steps.
         progress: called as progress(step, steps, loss) after every step.
         device: default CUDA when available, else CPU.
 

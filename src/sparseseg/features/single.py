@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 import torch
+from PIL import Image
 
 from sparseseg.data.dataset import read_rgb
 from sparseseg.errors import SparsesegError

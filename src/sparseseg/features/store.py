@@ -66,11 +66,12 @@ class FeatureStore:
         images: (N, S, S, 3) uint8, S = working resolution.
         seed: run seed (fixes every noise sample).
         split: split name, part of the noise seed so train and test noises differ.
-        cache_gb: budget of the in-memory cache of native maps.
+        cache_gb: budget of the in-memory caches (native maps and remembered pixel features).
         batch_size: images per backbone call.
         device: where the backbone runs.
         map_dtype: precision native maps are kept in. Maps are ALWAYS rounded to it, cached or not,
             so a feature never depends on whether the cache had room (float16 halves the cache).
+        pixel_cache_limit: per-image request size up to which pixel features are remembered.
     """
 
     def __init__(
@@ -83,6 +84,7 @@ class FeatureStore:
         batch_size: int = 4,
         device: str | torch.device = "cpu",
         map_dtype: torch.dtype = torch.float16,
+        pixel_cache_limit: int = 256,
     ) -> None:
         self.backbone = backbone
         self.images = images
@@ -94,6 +96,8 @@ class FeatureStore:
         self.map_dtype = map_dtype
         self.dim = sum(info.num_chs for info in backbone.feature_info)
         self._cache: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self._pixels: dict[tuple[int, int], dict[int, torch.Tensor]] = {}
+        self.pixel_cache_limit = pixel_cache_limit
         self._cache_bytes = 0
         self._cache_cap = int(cache_gb * 2**30)
 
@@ -148,19 +152,43 @@ class FeatureStore:
         sample: int = DETERMINISTIC,
         progress: Callable[[int, int], None] | None = None,
     ) -> torch.Tensor:
-        """Features of arbitrary pixels across images: (n, D) float32 on CPU, in input order."""
+        """Features of arbitrary pixels across images: (n, D) float32 on CPU, in input order.
+
+        Small requests (at most `pixel_cache_limit` pixels of an image, such as local picks, the
+        pool or labelled pixels) are remembered per (image, sample), so a later round asks the
+        UNet again only for images whose requested pixels changed.
+        """
         out = torch.empty(len(image_ids), self.dim)
         order = torch.argsort(image_ids, stable=True)
         uniq, counts = torch.unique_consecutive(image_ids[order], return_counts=True)
-        groups = list(zip(uniq.tolist(), torch.split(order, counts.tolist()), strict=True))
-        for start in range(0, len(groups), self.batch_size):
-            batch = groups[start : start + self.batch_size]
-            maps = self.maps([(img, sample) for img, _ in batch])
-            for (_, idx), image_maps in zip(batch, maps, strict=True):
-                out[idx] = sample_maps(self._ready(image_maps), ys[idx], xs[idx], self.size).cpu()
+        todo = []
+        for img, idx in zip(uniq.tolist(), torch.split(order, counts.tolist()), strict=True):
+            flat = (ys[idx] * self.size + xs[idx]).tolist()
+            known = self._pixels.get((img, sample), {})
+            if all(f in known for f in flat):
+                out[idx] = torch.stack([known[f] for f in flat]) if flat else out[idx]
+            else:
+                todo.append((img, idx, flat))
+        for start in range(0, len(todo), self.batch_size):
+            batch = todo[start : start + self.batch_size]
+            maps = self.maps([(img, sample) for img, _, _ in batch])
+            for (img, idx, flat), image_maps in zip(batch, maps, strict=True):
+                feats = sample_maps(self._ready(image_maps), ys[idx], xs[idx], self.size).cpu()
+                out[idx] = feats
+                self._remember_pixels((img, sample), flat, feats)
             if progress is not None:
-                progress(min(start + self.batch_size, len(groups)), len(groups))
+                progress(min(start + self.batch_size, len(todo)), len(todo))
         return out
+
+    def _remember_pixels(self, key: tuple[int, int], flat: list[int], feats: torch.Tensor) -> None:
+        if len(flat) > self.pixel_cache_limit:
+            return
+        known = self._pixels.setdefault(key, {})
+        new = [(f, row) for f, row in zip(flat, feats.clone(), strict=True) if f not in known]
+        nbytes = len(new) * self.dim * 4
+        if self._cache_bytes + nbytes <= self._cache_cap:
+            known.update(new)
+            self._cache_bytes += nbytes
 
     def image_tiles(self, image: int, sample: int = DETERMINISTIC, tile_pixels: int = 16384) -> Iterator[torch.Tensor]:
         """Whole-image features in row-major tiles of at most `tile_pixels` pixels, each (n, D).

@@ -66,14 +66,14 @@ class StepResult:
     done: bool
 
 
-def load_backbone(config: ExperimentConfig, device: torch.device, size: int):
-    """The configured backbone, running at the checkpoint's trained size (else the data's)."""
+def load_backbone(config: ExperimentConfig, device: torch.device):
+    """The configured backbone, at the size recorded in a pretrain checkpoint, else its flags' image_size."""
     from sparseseg.backbones.adm import ADMBackbone
 
     bb = config.backbone
     return ADMBackbone.from_checkpoint(
         bb.checkpoint, timesteps=bb.timesteps, blocks=bb.blocks, input_size=None,
-        preset=bb.preset, config_file=bb.config_file, device=str(device), default_size=size,
+        preset=bb.preset, config_file=bb.config_file, device=str(device),
     )
 
 
@@ -92,7 +92,7 @@ class Experiment:
         self.test = self._load(config.eval_split, need_masks=True)
         self.budget = config.budget_for(len(self.train.names))
         self.strategy = create_strategy(config.strategy)
-        self.backbone = load_backbone(config, self.device, self.meta.size)
+        self.backbone = load_backbone(config, self.device)
         feat = config.features
         self.train_store = FeatureStore(self.backbone, self.train.images, config.seed, config.train_split,
                                         feat.cache_gb * 0.75, config.backbone.batch_size, self.device)

@@ -18,6 +18,7 @@ designed out here:
   EVAL_ROWS) candidate rows against the whole pool (short batches are padded by repeating the
   last index). The value of k(x_j, ·) is then the same bits whichever batch j is evaluated in.
 * Gains come from one shared function, `_gains`, applied to (R, n) blocks in every method.
+  The lazy row cache stores those same rows, so cached and recomputed rows are the same bits.
 
 With identical kernel rows and gains, the monotonicity of floating-point subtraction and
 addition keeps stale gains valid upper bounds bit for bit, and ties are broken the same way
@@ -106,9 +107,7 @@ class _Pool:
         if m < self.rows:
             # Always the same matmul shape: pad with copies of the last index (results discarded).
             idx = torch.cat([idx, idx[-1:].expand(self.rows - m)])
-        return kernels.rbf(
-            self.z[idx], self.z, self.sigma, a_sqnorm=self.sqnorm[idx], b_sqnorm=self.sqnorm
-        )
+        return kernels.rbf(self.z[idx], self.z, self.sigma, a_sqnorm=self.sqnorm[idx], b_sqnorm=self.sqnorm)
 
 
 def _gains(rows: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
@@ -127,9 +126,7 @@ def _gains(rows: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
     return (rows - cov[None, :]).clamp_(min=0.0).sum(dim=1)
 
 
-def _initial_coverage(
-    pool: _Pool, labelled: torch.Tensor | None, block_size: int
-) -> torch.Tensor:
+def _initial_coverage(pool: _Pool, labelled: torch.Tensor | None, block_size: int) -> torch.Tensor:
     """(n,) running max of the kernel from the labelled set to the pool; zeros without one."""
     cov = torch.zeros(pool.n, dtype=pool.z.dtype, device=pool.z.device)
     if labelled is None:
@@ -163,33 +160,107 @@ def _naive(pool: _Pool, k: int, cov: torch.Tensor) -> list[int]:
     return out
 
 
-def _lazy(pool: _Pool, k: int, cov: torch.Tensor) -> list[int]:
+class _RowCache:
+    """Kernel rows of the most promising candidates, at most `capacity` of them.
+
+    Lazy greedy refreshes the same top candidates again and again; recomputing k(z_j, ·) costs
+    O(n·D), reading a cached row O(n). Cached rows are the very bits `kernel_rows` produced, so
+    gains computed from them are identical. When full, the cache drops the candidate with the
+    lowest current upper bound (the one the heap reaches last).
+    """
+
+    def __init__(self, pool: _Pool, capacity: int) -> None:
+        self.pool = pool
+        self.capacity = capacity
+        self.store: torch.Tensor | None = None  # (capacity, n), allocated on first insert
+        self.slot: dict[int, int] = {}
+        self.owner = [-1] * capacity
+        # Upper bound of each slot's candidate; -inf marks a free slot. Kept on the CPU.
+        self.bound = torch.full((capacity,), -math.inf, dtype=torch.float64)
+
+    def rows(self, idx: list[int]) -> torch.Tensor:
+        """(R, n) kernel rows for `idx` (len <= R); rows past len(idx) are padding."""
+        pool = self.pool
+        hit = [t for t, j in enumerate(idx) if j in self.slot]
+        if not hit:
+            return pool.kernel_rows(idx)
+        assert self.store is not None
+        dev = pool.z.device
+        if len(hit) == len(idx):
+            slots = [self.slot[j] for j in idx]
+            slots += [slots[-1]] * (pool.rows - len(slots))
+            return self.store[torch.tensor(slots, device=dev)]
+        miss = [t for t, j in enumerate(idx) if j not in self.slot]
+        fresh = pool.kernel_rows([idx[t] for t in miss])
+        out = torch.empty(pool.rows, pool.n, dtype=pool.z.dtype, device=dev)
+        out[torch.tensor(hit, device=dev)] = self.store[
+            torch.tensor([self.slot[idx[t]] for t in hit], device=dev)
+        ]
+        out[torch.tensor(miss, device=dev)] = fresh[: len(miss)]
+        out[len(idx) :] = out[len(idx) - 1]
+        return out
+
+    def offer(self, idx: list[int], gains: list[float], rows: torch.Tensor, skip: int = -1) -> None:
+        """Record fresh bounds (rows[t] is idx[t]'s row); cache rows that beat the worst cached one."""
+        for t, (j, g) in enumerate(zip(idx, gains, strict=True)):
+            if t == skip:
+                continue
+            s = self.slot.get(j)
+            if s is None:
+                s = int(torch.argmin(self.bound))
+                if float(self.bound[s]) >= g:
+                    continue
+                if self.store is None:
+                    self.store = torch.empty(
+                        self.capacity, self.pool.n, dtype=self.pool.z.dtype, device=self.pool.z.device
+                    )
+                if self.owner[s] >= 0:
+                    del self.slot[self.owner[s]]
+                self.store[s] = rows[t]
+                self.owner[s] = j
+                self.slot[j] = s
+            self.bound[s] = g
+
+    def drop(self, j: int) -> None:
+        s = self.slot.pop(j, None)
+        if s is not None:
+            self.owner[s] = -1
+            self.bound[s] = -math.inf
+
+
+def _lazy(pool: _Pool, k: int, cov: torch.Tensor, cache_rows: int) -> list[int]:
     n, r = pool.n, pool.rows
+    cache = _RowCache(pool, min(cache_rows, n))
     # Heap of (-gain upper bound, index): the smallest key is the largest bound, lowest index
     # first among equal bounds -- the same tie-break as the naive argmax.
     heap: list[tuple[float, int]] = []
     for start in range(0, n, r):
         idx = list(range(start, min(start + r, n)))
-        g = _gains(pool.kernel_rows(idx), cov)[: len(idx)].tolist()
+        rows = pool.kernel_rows(idx)
+        g = _gains(rows, cov)[: len(idx)].tolist()
+        cache.offer(idx, g, rows)
         heap.extend((-gi, j) for gi, j in zip(g, idx, strict=True))
     heapq.heapify(heap)
     out: list[int] = []
     while len(out) < k:
-        # Refresh the R most promising candidates in one kernel call.
+        # Refresh the R most promising candidates at once.
         batch = [heapq.heappop(heap) for _ in range(min(r, len(heap)))]
         idx = [j for _, j in batch]
-        rows = pool.kernel_rows(idx)
+        rows = cache.rows(idx)
         g = _gains(rows, cov)[: len(idx)].tolist()
         keys = [(-gi, j) for gi, j in zip(g, idx, strict=True)]
         best = min(range(len(keys)), key=keys.__getitem__)
         # Every key left in the heap is a lower bound on its true key (submodularity), so a
         # fresh key no larger than the heap's smallest is the exact greedy choice.
-        if not heap or keys[best] <= heap[0]:
+        picked = not heap or keys[best] <= heap[0]
+        if picked:
             out.append(idx[best])
             torch.maximum(cov, rows[best], out=cov)
-            keys.pop(best)
-        for key in keys:
-            heapq.heappush(heap, key)
+            cache.drop(idx[best])
+        cache.offer(idx, g, rows, skip=best if picked else -1)
+        for t, key in enumerate(keys):
+            if not (picked and t == best):
+                heapq.heappush(heap, key)
     return out
 
 
@@ -249,9 +320,11 @@ def max_herding(
             monotone submodular. Returns exactly the naive picks (same tie-break, bit-identical
             gains: see the module docstring). Never materialises the (n, n) kernel: kernel rows
             are computed from the features for R = min(block_size, EVAL_ROWS) candidates at a
-            time, so the peak extra memory is O(n·block_size) (a few (R, n) blocks, the (n,)
-            coverage and norms, an n-entry heap; with `labelled`, blocks of block_size labelled
-            rows x n while initialising the coverage).
+            time, and the rows of the (at most block_size) candidates with the highest current
+            bounds are cached, since lazy greedy refreshes those again and again. Peak extra
+            memory is O(n·block_size): the (block_size, n) row cache, a few (R, n) blocks, the
+            (n,) coverage and norms, an n-entry heap (with `labelled`, blocks of block_size
+            labelled rows x n while initialising the coverage, before the cache exists).
         "stochastic": stochastic greedy (Mirzasoleiman et al. 2015). Each step evaluates a
             uniformly random subset of ceil((n/k)·log(1/epsilon)) not-yet-picked candidates,
             drawn with `generator`: (1 - 1/e - epsilon) approximation in expectation,
@@ -264,7 +337,9 @@ def max_herding(
         labelled: optional (m, D) features of already-labelled points: they count as covering
             the pool from the start and cannot be picked.
         method: "naive", "lazy" or "stochastic".
-        block_size: cap on the number of kernel rows (each of n values) computed at once.
+        block_size: memory knob: at most about block_size kernel rows (each of n values) are
+            held at once ("lazy": row cache; labelled initialisation; never more than EVAL_ROWS
+            candidates per kernel call).
         generator: torch.Generator for "stochastic" (CPU or on z's device); ignored otherwise.
         epsilon: stochastic-greedy accuracy parameter in (0, 1); ignored otherwise.
 
@@ -296,7 +371,7 @@ def max_herding(
         if method == "naive":
             picks = _naive(pool, k, cov)
         elif method == "lazy":
-            picks = _lazy(pool, k, cov)
+            picks = _lazy(pool, k, cov, block_size)
         else:
             picks = _stochastic(pool, k, cov, float(epsilon), generator)
     return torch.tensor(picks, dtype=torch.long, device=z.device)

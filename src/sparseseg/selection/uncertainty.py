@@ -148,6 +148,8 @@ def edald(probs: torch.Tensor, probs_z0: torch.Tensor) -> torch.Tensor:
         (N,) scores in [0, 2 log C].
     """
     p = _check_probs(probs)
+    if isinstance(probs_z0, np.ndarray):
+        probs_z0 = torch.from_numpy(probs_z0)
     if isinstance(probs_z0, torch.Tensor) and probs_z0.ndim == 2:
         probs_z0 = probs_z0[None]
     q = _check_probs(probs_z0, "probs_z0")
@@ -156,4 +158,4 @@ def edald(probs: torch.Tensor, probs_z0: torch.Tensor) -> torch.Tensor:
             f"probs_z0 has shape {tuple(q.shape)}; expected ({p.shape[1]}, {p.shape[2]}) or "
             f"(1, {p.shape[1]}, {p.shape[2]}) to match probs {tuple(p.shape)}"
         )
-    return _mutual_information(p) + _entropy_last(q[0].to(p.dtype))
+    return _mutual_information(p) + _entropy_last(q[0].to(device=p.device, dtype=p.dtype))

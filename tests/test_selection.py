@@ -1,0 +1,410 @@
+"""Selection math: RBF kernel, MaxHerding (naive / lazy / stochastic), uncertainty scores."""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import math
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+from sparseseg.errors import SparsesegError
+from sparseseg.selection import kernels, uncertainty
+from sparseseg.selection.kernels import median_bandwidth, rbf
+from sparseseg.selection.max_herding import coverage
+from sparseseg.selection.max_herding import max_herding as herd
+
+E1 = math.exp(-1.0)
+E4 = math.exp(-4.0)
+
+
+def _line(xs: list[float]) -> torch.Tensor:
+    return torch.tensor(xs, dtype=torch.float64)[:, None]
+
+
+def _random_pool(seed: int, n: int = 300, d: int = 16) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=torch.float64)
+
+
+def _clustered_pool(seed: int, n: int = 300, d: int = 16, clusters: int = 5, spread: float = 0.05):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(clusters, d, generator=g, dtype=torch.float64) * 3.0
+    member = torch.randint(0, clusters, (n,), generator=g)
+    return centres[member] + spread * torch.randn(n, d, generator=g, dtype=torch.float64)
+
+
+def _duplicated_pool(seed: int, n: int = 300, d: int = 16) -> torch.Tensor:
+    # Every point twice: exact ties in every gain, the hardest case for lazy == naive.
+    half = _random_pool(seed, n // 2, d)
+    return torch.cat([half, half])
+
+
+POOLS = {"random": _random_pool, "clustered": _clustered_pool, "duplicated": _duplicated_pool}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These are many tiny kernels: with a second intra-op thread, every call pays an OpenMP
+    # wake-up, which costs milliseconds when other processes load the (2) cores.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------------- kernels
+
+
+def test_rbf_uses_sigma_squared_without_factor_two():
+    a = _line([0.0])
+    b = _line([0.0, 2.0, 4.0])
+    # k = exp(-d²/σ²) with σ = 2: d = 0, 2, 4 -> exp(0), exp(-1), exp(-4).
+    np.testing.assert_allclose(rbf(a, b, 2.0).numpy(), [[1.0, E1, E4]], rtol=1e-12)
+
+
+def test_rbf_matches_explicit_distances_and_is_never_above_one():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    b = torch.cat([a[:3], torch.randn(4, 5, generator=g, dtype=torch.float64)])
+    expected = torch.exp(-(torch.cdist(a, b) ** 2) / 1.5**2)
+    got = rbf(a, b, 1.5)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    assert float(got.max()) <= 1.0
+
+
+def test_rbf_rejects_bad_arguments():
+    with pytest.raises(SparsesegError, match="same feature dimension"):
+        rbf(torch.zeros(2, 3), torch.zeros(2, 4), 1.0)
+    with pytest.raises(SparsesegError, match="sigma"):
+        rbf(torch.zeros(2, 3), torch.zeros(2, 3), 0.0)
+    with pytest.raises(SparsesegError, match=r"shape \(n, D\)"):
+        rbf(torch.zeros(3), torch.zeros(2, 3), 1.0)
+
+
+def test_median_bandwidth_is_twice_the_median_distance():
+    z = _line([0.0, 1.0, 3.0])
+    # Pairwise distances 1, 3, 2 -> median 2 -> σ = 4 (n=3 < min_points: all points used).
+    assert median_bandwidth(z) == pytest.approx(4.0)
+    z = _random_pool(0, n=150, d=4)
+    d = torch.pdist(z).numpy()
+    assert median_bandwidth(z, min_points=150) == pytest.approx(2.0 * np.median(d), rel=1e-9)
+
+
+def test_median_bandwidth_subsamples_reproducibly():
+    z = _random_pool(1, n=5000, d=8)
+    s1 = median_bandwidth(z, generator=torch.Generator().manual_seed(3))
+    s2 = median_bandwidth(z, generator=torch.Generator().manual_seed(3))
+    assert s1 == s2
+    # 1% of 5000 = 50 < min_points: 100 points drawn; close to the full-data value.
+    full = 2.0 * float(np.median(torch.pdist(z[:2000]).numpy()))
+    assert s1 == pytest.approx(full, rel=0.1)
+    with pytest.raises(SparsesegError, match="identical"):
+        median_bandwidth(torch.ones(10, 3))
+
+
+# ------------------------------------------------------------------------ herding by hand
+
+
+def test_herding_worked_by_hand_on_a_line():
+    # Pool x = [0, 1, 2, 10, 11] (indices 0..4), σ = 1, so k(x, x') = exp(-(x - x')²).
+    # Cross-cluster values are exp(-64) or smaller: ~0 (below float64 resolution next to 1).
+    # Step 1 (nothing covered, cov = 0): gains = row sums
+    #   x=0: 1 + e^-1 + e^-4 = 1.386195   x=1: e^-1 + 1 + e^-1 = 1.735759   x=2: 1.386195
+    #   x=10: 1 + e^-1 = 1.367879          x=11: 1.367879            -> pick index 1 (x=1).
+    #   C = (e^-1 + 1 + e^-1 + 0 + 0) / 5 = 1.735759 / 5 = 0.347152
+    # Step 2 (cov = [e^-1, 1, e^-1, ~0, ~0]):
+    #   x=0: (1 - e^-1) + 0 + 0 = 0.632121 (the e^-4 - e^-1 < 0 term clamps); x=2: same
+    #   x=10: (1 - 0) + (e^-1 - 0) = 1.367879; x=11: the same sum -> exact tie, lowest index wins
+    #   -> pick index 3 (x=10).  C = (e^-1 + 1 + e^-1 + 1 + e^-1) / 5 = (2 + 3e^-1)/5 = 0.620728
+    z = _line([0.0, 1.0, 2.0, 10.0, 11.0])
+    for method in ("naive", "lazy"):
+        assert herd(z, 2, 1.0, method=method).tolist() == [1, 3]
+    assert coverage(z, [], 1.0) == 0.0
+    assert coverage(z, [1], 1.0) == pytest.approx((1 + 2 * E1) / 5, rel=1e-12)
+    assert coverage(z, [1], 1.0) == pytest.approx(0.347152, abs=1e-6)
+    assert coverage(z, [1, 3], 1.0) == pytest.approx((2 + 3 * E1) / 5, rel=1e-12)
+    assert coverage(z, [1, 3], 1.0) == pytest.approx(0.620728, abs=1e-6)
+
+
+def test_labelled_point_covers_one_cluster_so_first_pick_goes_to_the_other():
+    # Pool x = [0, 1, 10, 11, 12], σ = 1. Without labels the bigger cluster wins:
+    #   row sums x=0: 1 + e^-1 = 1.367879, x=1: 1.367879, x=10: 1 + e^-1 + e^-4 = 1.386195,
+    #   x=11: 1 + 2e^-1 = 1.735759 (largest), x=12: 1.386195 -> pick index 3 (x=11).
+    z = _line([0.0, 1.0, 10.0, 11.0, 12.0])
+    assert herd(z, 1, 1.0).tolist() == [3]
+    # A labelled point at x=11 covers the right cluster: cov = [~0, ~0, e^-1, 1, e^-1],
+    # C(∅) = (1 + 2e^-1)/5 = 0.347152. Gains: x=0: 1 + e^-1 = 1.367879, x=1: the same (tie ->
+    # index 0), x=10: 1 - e^-1 = 0.632121, x=11: 0, x=12: 0.632121 -> pick index 0 (x=0).
+    # Then C = (1 + e^-1 + e^-1 + 1 + e^-1)/5 = 0.620728.
+    lab = _line([11.0])
+    assert coverage(z, [], 1.0, labelled=lab) == pytest.approx((1 + 2 * E1) / 5, rel=1e-12)
+    for method in ("naive", "lazy"):
+        assert herd(z, 1, 1.0, labelled=lab, method=method).tolist() == [0]
+    assert coverage(z, [0], 1.0, labelled=lab) == pytest.approx((2 + 3 * E1) / 5, rel=1e-12)
+
+
+def test_naive_greedy_equals_brute_force_coverage_at_every_step():
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    sigma = 1.3
+    zn = z.numpy()
+    kmat = np.exp(-((zn[:, None, :] - zn[None, :, :]) ** 2).sum(-1) / sigma**2)
+
+    def brute_coverage(s: list[int]) -> float:
+        # Slow and independent: (1/n) Σ_i max_{j in S} k(i, j), 0 for an empty S.
+        return sum(max((kmat[i, j] for j in s), default=0.0) for i in range(8)) / 8
+
+    picks = herd(z, 8, sigma, method="naive").tolist()
+    chosen: list[int] = []
+    for step in range(8):
+        rest = [j for j in range(8) if j not in chosen]
+        best = max(rest, key=lambda j: (brute_coverage(chosen + [j]), -j))
+        assert picks[step] == best, f"step {step}"
+        chosen.append(best)
+        assert coverage(z, chosen, sigma) == pytest.approx(brute_coverage(chosen), rel=1e-12)
+
+
+# -------------------------------------------------------------------------- lazy == naive
+
+
+@pytest.mark.parametrize("pool", sorted(POOLS))
+@pytest.mark.parametrize("with_labelled", [False, True])
+def test_lazy_equals_naive(pool, with_labelled):
+    for seed in range(3):
+        z = POOLS[pool](seed)
+        labelled = None
+        if with_labelled:
+            # Some labelled points from the pool's own distribution, some elsewhere.
+            labelled = torch.cat([z[:5] + 0.01, _random_pool(seed + 100, n=5, d=z.shape[1])])
+        sigma = median_bandwidth(z, generator=torch.Generator().manual_seed(seed))
+        for block_size in (5, 64, 4096):
+            naive = herd(z, 60, sigma, labelled=labelled, method="naive", block_size=block_size)
+            lazy = herd(z, 60, sigma, labelled=labelled, method="lazy", block_size=block_size)
+            assert torch.equal(naive, lazy), (pool, seed, block_size)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_lazy_equals_naive_to_the_whole_pool(dtype):
+    # k == n: every point picked once, including all the exact zero-gain ties at the end.
+    z = _duplicated_pool(5, n=120, d=8).to(dtype)
+    sigma = median_bandwidth(z)
+    naive = herd(z, 120, sigma, method="naive", block_size=16)
+    lazy = herd(z, 120, sigma, method="lazy", block_size=16)
+    assert torch.equal(naive, lazy)
+    assert sorted(lazy.tolist()) == list(range(120))
+    assert lazy.dtype == torch.long and lazy.shape == (120,)
+
+
+def test_lazy_equals_naive_float32_larger_pool():
+    z = _clustered_pool(9, n=1500, d=48, clusters=12, spread=1.0).float()
+    labelled = z[:20] + 0.1
+    sigma = median_bandwidth(z)
+    naive = herd(z, 150, sigma, labelled=labelled, method="naive")
+    lazy = herd(z, 150, sigma, labelled=labelled, method="lazy")
+    assert torch.equal(naive, lazy)
+
+
+def test_picks_equal_apricot_facility_location():
+    apricot = pytest.importorskip("apricot")
+    # apricot maximises Σ_i max_{j in S} K_ij (no 1/n): the same argmax at every step, so the same
+    # greedy order on a pool without ties; its per-step gains are n x our coverage increments.
+    z = _random_pool(11, n=120, d=8)
+    sigma = median_bandwidth(z)
+    kmat = rbf(z, z, sigma).numpy()
+    ours = herd(z, 40, sigma, method="lazy", block_size=16).tolist()
+    sel = apricot.FacilityLocationSelection(40, metric="precomputed").fit(kmat)
+    assert list(sel.ranking) == ours
+    cov = [coverage(z, ours[: t + 1], sigma) for t in range(40)]
+    np.testing.assert_allclose(np.cumsum(sel.gains) / 120, cov, rtol=1e-9)
+
+
+# --------------------------------------------------------------------------- stochastic greedy
+
+
+def test_stochastic_greedy_is_seeded_and_close_to_lazy():
+    z = _clustered_pool(0, n=600, d=16, clusters=5, spread=0.5)
+    sigma = median_bandwidth(z)
+    k = 30
+    a = herd(z, k, sigma, method="stochastic", generator=torch.Generator().manual_seed(1))
+    b = herd(z, k, sigma, method="stochastic", generator=torch.Generator().manual_seed(1))
+    c = herd(z, k, sigma, method="stochastic", generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert len(set(a.tolist())) == k
+    lazy_cov = coverage(z, herd(z, k, sigma, method="lazy"), sigma)
+    for picks in (a, c):
+        assert coverage(z, picks, sigma) >= 0.97 * lazy_cov
+
+
+def test_stochastic_greedy_can_take_the_whole_pool():
+    z = _random_pool(3, n=40, d=4)
+    picks = herd(z, 40, 2.0, method="stochastic", generator=torch.Generator().manual_seed(0))
+    assert sorted(picks.tolist()) == list(range(40))
+
+
+# ---------------------------------------------------------------------------------- memory
+
+
+def test_lazy_never_builds_a_kernel_block_larger_than_n_times_block_size(monkeypatch):
+    n, d, block_size = 6000, 64, 512
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(n, d, generator=g)
+    labelled = torch.randn(700, d, generator=g)  # > block_size rows: initialised in blocks too
+    sizes: list[int] = []
+    real_rbf = kernels.rbf
+
+    def spy(a, b, sigma, **kw):
+        out = real_rbf(a, b, sigma, **kw)
+        sizes.append(out.numel())
+        return out
+
+    # The lazy optimiser also keeps a cache of kernel rows: record its size too.
+    mh = importlib.import_module("sparseseg.selection.max_herding")
+    real_cache = mh._RowCache
+
+    def cache_spy(pool, capacity):
+        sizes.append(capacity * pool.n)
+        return real_cache(pool, capacity)
+
+    monkeypatch.setattr(kernels, "rbf", spy)
+    monkeypatch.setattr(mh, "_RowCache", cache_spy)
+    picks = herd(z, 20, 12.0, labelled=labelled, method="lazy", block_size=block_size)
+    assert len(set(picks.tolist())) == 20
+    assert len(sizes) > 2, "the spies saw no kernel evaluation"
+    assert max(sizes) <= n * block_size
+    assert max(sizes) < n * n // 10
+
+
+# ---------------------------------------------------------------------------------- errors
+
+
+def test_budget_larger_than_pool_is_refused():
+    with pytest.raises(SparsesegError, match="larger than the pool") as err:
+        herd(torch.zeros(5, 2), 6, 1.0)
+    assert "k=6" in str(err.value) and "n=5" in str(err.value)
+
+
+def test_herding_argument_errors():
+    z = _random_pool(0, n=10, d=3)
+    assert herd(z, 0, 1.0).shape == (0,)
+    with pytest.raises(SparsesegError, match="method="):
+        herd(z, 2, 1.0, method="greedy")
+    with pytest.raises(SparsesegError, match="feature dimension"):
+        herd(z, 2, 1.0, labelled=torch.zeros(3, 4, dtype=torch.float64))
+    with pytest.raises(SparsesegError, match="NaN"):
+        herd(torch.full((3, 2), float("nan")), 1, 1.0)
+    with pytest.raises(SparsesegError, match="block_size"):
+        herd(z, 2, 1.0, block_size=0)
+    with pytest.raises(SparsesegError, match="sigma"):
+        herd(z, 2, -1.0)
+    with pytest.raises(SparsesegError, match=r"shape \(n, D\)"):
+        herd(torch.zeros(5), 1, 1.0)
+    with pytest.raises(SparsesegError, match="picked_idx"):
+        coverage(z, [10], 1.0)
+
+
+# ----------------------------------------------------------------------------- uncertainty
+
+
+def _random_probs(seed: int, s: int = 5, n: int = 50, c: int = 7, peaked: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(s, n, c, generator=g, dtype=torch.float64) * (4.0 if peaked else 1.0)
+    return logits.softmax(dim=-1)
+
+
+def _baal_layout(probs: torch.Tensor) -> np.ndarray:
+    # ours (S samples, N pixels, C classes) -> baal [n_sample=N, n_class=C, n_iterations=S]
+    return probs.permute(1, 2, 0).numpy()
+
+
+def test_entropy_matches_scipy():
+    p = _random_probs(0)
+    expected = scipy.stats.entropy(p.mean(dim=0).numpy(), axis=-1)
+    np.testing.assert_allclose(uncertainty.entropy(p).numpy(), expected, atol=1e-12)
+
+
+def test_scores_match_baal_heuristics():
+    heur = pytest.importorskip("baal.active.heuristics")
+    for seed, peaked in itertools.product(range(3), (False, True)):
+        p = _random_probs(seed, peaked=peaked)
+        arr = _baal_layout(p)
+        np.testing.assert_allclose(
+            uncertainty.mutual_information(p).numpy(), heur.BALD().compute_score(arr), atol=1e-6
+        )
+        np.testing.assert_allclose(
+            uncertainty.entropy(p).numpy(), heur.Entropy().compute_score(arr), atol=1e-6
+        )
+        # baal's Margin is top1 - top2 (low = uncertain); ours is its negative (high = uncertain).
+        np.testing.assert_allclose(
+            uncertainty.margin(p).numpy(), -heur.Margin().compute_score(arr), atol=1e-6
+        )
+
+
+def test_least_confidence():
+    p = torch.tensor([[[0.7, 0.2, 0.1], [1 / 3, 1 / 3, 1 / 3]]], dtype=torch.float64)
+    np.testing.assert_allclose(uncertainty.least_confidence(p).numpy(), [0.3, 2 / 3], atol=1e-12)
+
+
+def test_edald_closed_form_identical_one_hot_samples():
+    # (a) M = 5 identical one-hot samples: H(mean) = 0, mean H = 0 -> MI = 0; z0 uniform over
+    # C = 4 classes -> H(z0) = log 4 -> eDALD = log 4. One-hot rows must not give NaN (0 log 0).
+    c, m = 4, 5
+    probs = torch.zeros(m, 3, c, dtype=torch.float64)
+    probs[:, :, 2] = 1.0
+    z0 = torch.full((3, c), 1.0 / c, dtype=torch.float64)
+    mi = uncertainty.mutual_information(probs)
+    assert torch.equal(mi, torch.zeros(3, dtype=torch.float64))
+    np.testing.assert_allclose(uncertainty.edald(probs, z0).numpy(), [math.log(c)] * 3, atol=1e-12)
+    np.testing.assert_allclose(uncertainty.edald(probs, z0[None]).numpy(), [math.log(c)] * 3, atol=1e-12)
+
+
+def test_edald_closed_form_two_disagreeing_samples():
+    # (b) M = 2 one-hot samples on different classes: mean = [0.5, 0.5] -> H(mean) = log 2,
+    # mean H = 0 -> MI = log 2; z0 = [0.5, 0.5] -> H(z0) = log 2 -> eDALD = 2 log 2.
+    probs = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]], dtype=torch.float64)
+    z0 = torch.tensor([[0.5, 0.5]], dtype=torch.float64)
+    np.testing.assert_allclose(uncertainty.mutual_information(probs).numpy(), [math.log(2)], atol=1e-12)
+    np.testing.assert_allclose(uncertainty.entropy(probs).numpy(), [math.log(2)], atol=1e-12)
+    np.testing.assert_allclose(uncertainty.edald(probs, z0).numpy(), [2 * math.log(2)], atol=1e-12)
+
+
+def test_edald_random_case_against_explicit_loops():
+    # (c) Eq. 6-8 written out with scalar loops.
+    probs = _random_probs(4, s=5, n=12, c=6)
+    z0 = _random_probs(5, s=1, n=12, c=6)[0]
+    pa, za = probs.numpy(), z0.numpy()
+    s_count, n_count, c_count = pa.shape
+    expected = []
+    for n in range(n_count):
+        mean = [sum(pa[s, n, c] for s in range(s_count)) / s_count for c in range(c_count)]
+        h_mean = -sum(q * math.log(q) for q in mean if q > 0)
+        mean_h = 0.0
+        for s in range(s_count):
+            mean_h += -sum(pa[s, n, c] * math.log(pa[s, n, c]) for c in range(c_count) if pa[s, n, c] > 0)
+        mean_h /= s_count
+        h_z0 = -sum(za[n, c] * math.log(za[n, c]) for c in range(c_count) if za[n, c] > 0)
+        expected.append(max(h_mean - mean_h, 0.0) + h_z0)
+    np.testing.assert_allclose(uncertainty.edald(probs, z0).numpy(), expected, rtol=1e-10)
+
+
+def test_single_sample_mutual_information_is_zero():
+    p = _random_probs(6, s=1)
+    assert torch.equal(uncertainty.mutual_information(p), torch.zeros(p.shape[1], dtype=p.dtype))
+
+
+def test_uncertainty_input_errors():
+    with pytest.raises(SparsesegError, match="add a samples axis"):
+        uncertainty.entropy(torch.full((4, 3), 1 / 3))
+    with pytest.raises(SparsesegError, match="sum to 1"):
+        uncertainty.entropy(torch.rand(2, 4, 3) + 1.0)
+    with pytest.raises(SparsesegError, match="probs_z0"):
+        uncertainty.edald(_random_probs(0, n=4), _random_probs(1, n=5)[0])
+    with pytest.raises(SparsesegError, match="at least 2"):
+        uncertainty.margin(torch.ones(1, 3, 1))
+    # within tolerance passes
+    p = torch.full((1, 2, 4), 0.25 + 1e-4)
+    assert uncertainty.entropy(p).shape == (2,)
