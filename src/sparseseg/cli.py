@@ -135,6 +135,18 @@ def pretrain(
     console.print(f"wrote {path}")
 
 
+@app.command("fetch-backbone")
+@friendly
+def fetch_backbone(
+    name: Annotated[str, typer.Argument(help="Preset: imagenet_256 or lsun_bedroom.")],
+    dir: Annotated[Path, typer.Option(help="Folder to download into.")] = Path("checkpoints"),
+) -> None:
+    """Download an OpenAI guided-diffusion checkpoint from its official address (needs internet)."""
+    from sparseseg.backbones.adm import download_preset
+
+    console.print(f"wrote {download_preset(name, dir)}")
+
+
 @app.command()
 @friendly
 def features(
