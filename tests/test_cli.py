@@ -56,3 +56,21 @@ def test_list_strategies_filters_by_pattern():
     assert result.exit_code == 0
     names = result.output.split()
     assert "two_stage_edald" in names and "random" not in names
+
+
+def test_summarize_averages_seeds_per_strategy(tmp_path):
+    import json
+
+    for name, seed, mious in (("a", 0, [0.1, 0.3]), ("a", 1, [0.3, 0.5]), ("b", 0, [0.2])):
+        run = tmp_path / f"{name}{seed}"
+        run.mkdir()
+        phases = {k: {"seconds": 1.0, "peak_gb": 0.1} for k in ("select", "train", "evaluate")}
+        run.joinpath("rounds.jsonl").write_text("".join(
+            json.dumps({"round": i + 1, "strategy": name, "miou": m, "phases": phases}) + "\n"
+            for i, m in enumerate(mious)))
+    result = runner.invoke(app, ["summarize", *(str(tmp_path / d) for d in ("a0", "a1", "b0"))])
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    # round 1 of a: mean(10, 30) = 20, sample std = 14.14; b: 20 ± 0
+    assert rows[0] == "| 1 | 20.00 ± 14.14 | 20.00 ± 0.00 |"
+    assert rows[1] == "| 2 | 40.00 ± 14.14 |  |"

@@ -210,6 +210,21 @@ def rounds_table(runs: dict[str, list[dict]]) -> Table:
     return table
 
 
+@app.command()
+@friendly
+def summarize(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories (several seeds and strategies).")],
+    out: Annotated[Path | None, typer.Option(help="Also write the markdown table here.")] = None,
+) -> None:
+    """mIoU per round (mean ± std over seeds) per strategy, and seconds per phase, as markdown."""
+    from sparseseg.report import summarize as summarize_runs
+
+    text = summarize_runs(runs)
+    console.print(text, markup=False, highlight=False)
+    if out is not None:
+        out.write_text(text)
+
+
 @list_app.command("strategies")
 def list_strategies(pattern: Annotated[str, typer.Argument(help="Shell-style filter.")] = "*") -> None:
     """Strategy names a config can use."""
@@ -227,7 +242,7 @@ def list_strategies(pattern: Annotated[str, typer.Argument(help="Shell-style fil
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the data, checkpoint and runs.")] = Path("demo_out"),
     rounds: Annotated[int, typer.Option(help="Active-learning rounds.")] = 6,
-    steps: Annotated[int, typer.Option(help="Pretraining steps of the tiny ADM.")] = 400,
+    steps: Annotated[int, typer.Option(help="Pretraining steps of the tiny ADM.")] = 300,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
 ) -> None:
     """No downloads, CPU, a few minutes: synthetic scenes, a tiny ADM pretrained on them, then

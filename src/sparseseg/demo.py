@@ -15,14 +15,14 @@ from sparseseg.config import load_config
 Progress = Callable[[str, int, int], None]
 
 # Small enough for 2 CPU cores; every other setting is the paper's default.
-DEMO_SIZE = 64
+DEMO_SIZE = 32
 DEMO_CHANNELS = 32
 DEMO_TRAIN, DEMO_TEST = 60, 24
 DEMO_BUDGET = 10  # pixels per round (0.1 N would be 6: too few to see anything in 6 rounds)
 
 
 def run_demo(
-    out: Path, rounds: int = 6, steps: int = 400, seed: int = 0, progress: Progress | None = None
+    out: Path, rounds: int = 6, steps: int = 300, seed: int = 0, progress: Progress | None = None
 ) -> dict[str, tuple[list[dict], Path]]:
     """Generate data, pretrain, run both strategies; returns {strategy: (records, run dir)}.
 

@@ -33,10 +33,14 @@ def save_preview(path: Path, exp: Experiment, round: int) -> None:
     size = exp.train_store.size
     scale = max(1, PANEL // size)
     side = size * scale
-    sheet = Image.new("RGB", (3 * side + 20, len(shown) * (side + 10)), "white")
+    header = 18
+    sheet = Image.new("RGB", (3 * side + 20, header + len(shown) * (side + 10)), "white")
+    titles = ImageDraw.Draw(sheet)
+    for col, title in enumerate((f"picks (round {round}: white rings)", "prediction", "ground truth")):
+        titles.text((col * (side + 10) + 2, 3), title, fill="black")
     palette = [list(c) for c in exp.meta.palette]
     for row, img in enumerate(shown):
-        top = row * (side + 10)
+        top = header + row * (side + 10)
         picture = Image.fromarray(exp.train.images[img].numpy()).resize((side, side), Image.NEAREST)
         draw = ImageDraw.Draw(picture)
         mine = (labels.image == img).nonzero().flatten().tolist()

@@ -159,8 +159,9 @@ class TwoStageStrategy(Strategy):
                 if len(labelled):
                     li = torch.full_like(labelled, image)
                     covered = ctx.store.at_pixels(li, labelled // s, labelled % s)
+                # seeded by the image's labels, not the round: a cached result equals a recomputed one
                 picked = max_herding(z, min(k, len(cand)), sigma, labelled=covered, method=self.config.herding,
-                                     generator=derived_generator(ctx.seed, "local", image, ctx.round))
+                                     generator=derived_generator(ctx.seed, "local", image, *sorted(key)))
                 self._local[image] = (key, cand[picked])
             picks = self._local[image][1]
             out[image, : len(picks)] = picks
@@ -195,6 +196,8 @@ class TwoStageStrategy(Strategy):
             ctx.progress("global herding", 0, 1)
         pool = max_herding(z, keep, sigma, labelled=covered, method=self.config.herding,
                            generator=derived_generator(ctx.seed, "global", ctx.round))
+        if ctx.progress is not None:
+            ctx.progress("global herding", 1, 1)
         info = {"local_pool": len(flat), "pool": len(pool), "sigma": float(sigma)}
         image, y, x = image[pool], y[pool], x[pool]
         if first_round or self.score is None:
