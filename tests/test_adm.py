@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import urllib.error
-from pathlib import Path
 
 import numpy as np
 import pydantic
@@ -26,8 +25,8 @@ from sparseseg.backbones.adm import (
 from sparseseg.backbones.base import FeatureBackbone
 from sparseseg.backbones.diffusion import NoiseSchedule, linear_betas
 from sparseseg.errors import SparsesegError
+from tests.conftest import SHARED
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 FIXTURE = SHARED / "fixtures" / "adm_tiny"
 TOL = 1e-4
 

@@ -28,8 +28,8 @@ from sparseseg.data.dataset import (
 from sparseseg.data.prepare import prepare_camvid, prepare_folder, read_classes_file
 from sparseseg.data.synthetic import SYNTHETIC_CLASSES, make_synthetic
 from sparseseg.errors import SparsesegError
+from tests.conftest import SHARED
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 CAMVID = SHARED / "data" / "camvid"
 needs_camvid = pytest.mark.skipif(not (CAMVID / "train").is_dir(), reason=f"CamVid not found at {CAMVID}")
 

@@ -89,10 +89,14 @@ def test_bad_input_is_one_clear_line_and_keeps_the_run(setup):
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with pytest.raises(SparsesegError, match="different config"):
         Experiment(_config(root, ckpt, out, "rounds=1", "seed=5"))
-    # 6 images x K=5 local picks x 0.5 = a pool of 15 < budget 20 (round 2 needs the pool)
+    # 6 images x K=5 local picks x 0.5 = a pool of 15 < budget 20: refused before any work
     big = root / "big"
-    with pytest.raises(SparsesegError, match="larger than the candidate pool"):
-        Experiment(_config(root, ckpt, big, "budget=20", "rounds=2")).run()
+    with pytest.raises(SparsesegError, match="larger than the candidate pool of 15"):
+        Experiment(_config(root, ckpt, big, "budget=20", "rounds=2"))
+    assert not big.exists()
+    # a typo fixed before any round finished is not "a different config"
+    typo = root / "typo"
     with pytest.raises(SparsesegError, match="checkpoint not found"):
-        Experiment(_config(root, ckpt, root / "nock", f"backbone.checkpoint={root / 'missing.pt'}"))
+        Experiment(_config(root, ckpt, typo, f"backbone.checkpoint={root / 'missing.pt'}"))
+    Experiment(_config(root, ckpt, typo, "rounds=1")).run()
     assert before == {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}

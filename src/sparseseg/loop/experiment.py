@@ -85,19 +85,21 @@ class Experiment:
         self.progress = progress
         self.out = Path(config.out)
         self.device = resolve_device(config.backbone.device)
-        self._prepare_run_dir()
+        self._check_run_dir()
         self.meta = load_meta(config.data)
         self.class_names = list(self.meta.classes)
         self.train = self._load(config.train_split, need_masks=True)
         self.test = self._load(config.eval_split, need_masks=True)
         self.budget = config.budget_for(len(self.train.names))
         self.strategy = create_strategy(config.strategy)
+        self.strategy.check_budget(len(self.train.names), self.meta.size, self.budget)
         self.backbone = load_backbone(config, self.device)
         feat = config.features
         self.train_store = FeatureStore(self.backbone, self.train.images, config.seed, config.train_split,
                                         feat.cache_gb * 0.75, config.backbone.batch_size, self.device)
         self.test_store = FeatureStore(self.backbone, self.test.images, config.seed, config.eval_split,
                                        feat.cache_gb * 0.25, config.backbone.batch_size, self.device)
+        self._create_run_dir()
         self.records = self._read_records()
         self.labels = self._read_labels()
         self.head = None
@@ -111,22 +113,24 @@ class Experiment:
     def completed(self) -> int:
         return len(self.records)
 
-    def _prepare_run_dir(self) -> None:
-        text = dump_config(self.config)
+    def _check_run_dir(self) -> None:
+        """Refuse a directory that holds other files, or finished rounds of another config."""
         path = self.out / "config.yaml"
         if path.exists():
-            saved = load_config(path)
-            if saved != self.config:
+            finished = (self.out / "rounds.jsonl").exists() and (self.out / "rounds.jsonl").stat().st_size > 0
+            if finished and load_config(path) != self.config:
                 raise SparsesegError(
                     f"{path}: this run directory holds a run with a different config; "
                     "resume it with the same config or choose another out directory"
                 )
-            return
-        if self.out.exists() and any(self.out.iterdir()):
+        elif self.out.exists() and any(self.out.iterdir()):
             raise SparsesegError(f"{self.out}: directory is not empty and holds no sparseseg run; choose another out")
+
+    def _create_run_dir(self) -> None:
+        """Written only once data and backbone have loaded, so a typo leaves no stale config behind."""
         (self.out / "picks").mkdir(parents=True, exist_ok=True)
         (self.out / "previews").mkdir(exist_ok=True)
-        _atomic_write(path, text)
+        _atomic_write(self.out / "config.yaml", dump_config(self.config))
 
     def _load(self, split: str, need_masks: bool) -> Split:
         data = load_split(self.config.data, split, progress=self._tick(f"loading {split}"))

@@ -27,7 +27,8 @@ def check_sigma(sigma: float) -> float:
     return value
 
 
-def _check_matrix(x: object, name: str) -> torch.Tensor:
+def check_matrix(x: object, name: str) -> torch.Tensor:
+    """`x` as an (n, D) floating-point tensor, or a SparsesegError naming `name` and what it got."""
     if not isinstance(x, torch.Tensor):
         raise SparsesegError(f"{name} must be a torch.Tensor of shape (n, D); got {type(x).__name__}")
     if x.ndim != 2:
@@ -64,8 +65,8 @@ def rbf(
     Raises:
         SparsesegError: on non-2-D inputs, mismatched feature dimensions, or a bad `sigma`.
     """
-    a = _check_matrix(a, "a")
-    b = _check_matrix(b, "b")
+    a = check_matrix(a, "a")
+    b = check_matrix(b, "b")
     if a.shape[1] != b.shape[1]:
         raise SparsesegError(
             f"a and b must have the same feature dimension; got a {tuple(a.shape)} and b {tuple(b.shape)}"
@@ -115,7 +116,7 @@ def median_bandwidth(
         SparsesegError: bad arguments, fewer than 2 rows, or a zero median distance (the sampled
             features are identical: pass sigma explicitly).
     """
-    z = _check_matrix(z, "z")
+    z = check_matrix(z, "z")
     n = z.shape[0]
     if n < 2:
         raise SparsesegError(f"z has n={n} rows; the median bandwidth needs at least 2")

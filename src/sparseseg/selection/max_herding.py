@@ -51,12 +51,7 @@ METHODS = ("naive", "lazy", "stochastic")
 
 
 def _check_features(z: object, name: str) -> torch.Tensor:
-    if not isinstance(z, torch.Tensor):
-        raise SparsesegError(f"{name} must be a torch.Tensor of shape (n, D); got {type(z).__name__}")
-    if z.ndim != 2:
-        raise SparsesegError(f"{name} must have shape (n, D); got shape {tuple(z.shape)}")
-    if not z.is_floating_point():
-        raise SparsesegError(f"{name} must be a floating-point tensor; got dtype {z.dtype}")
+    z = kernels.check_matrix(z, name)
     if z.numel() and not bool(torch.isfinite(z).all()):
         raise SparsesegError(f"{name} contains NaN or infinite values; features must be finite")
     if z.dtype in (torch.float16, torch.bfloat16):

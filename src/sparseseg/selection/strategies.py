@@ -93,6 +93,11 @@ class Strategy:
     def select(self, ctx: RoundContext) -> Picks:
         raise NotImplementedError
 
+    def check_budget(self, num_images: int, size: int, budget: int) -> None:
+        """Fail before any work when `budget` pixels per round cannot be found."""
+        if budget > num_images * size * size:
+            raise SparsesegError(f"budget {budget} is larger than the {num_images * size * size} pixels of the images")
+
 
 class RandomStrategy(Strategy):
     """Uniform over every unlabelled pixel of every training image."""
@@ -130,6 +135,21 @@ class TwoStageStrategy(Strategy):
         self.needs_head = score is not None
         # local picks depend only on (image, its labelled pixels): cache them across rounds
         self._local: dict[int, tuple[frozenset[int], torch.Tensor]] = {}
+
+    def pool_size(self, num_images: int, size: int) -> int:
+        """M = pool_ratio x N x K (K capped by the candidates an image offers)."""
+        per_image = min(self.config.k_per_image, self.config.candidates_per_image, size * size)
+        return round(self.config.pool_ratio * num_images * per_image)
+
+    def check_budget(self, num_images: int, size: int, budget: int) -> None:
+        super().check_budget(num_images, size, budget)
+        pool = self.pool_size(num_images, size)
+        if self.score is not None and budget > pool:
+            raise SparsesegError(
+                f"budget {budget} is larger than the candidate pool of {pool} "
+                f"(pool_ratio {self.config.pool_ratio} x {num_images} images x K={self.config.k_per_image}): "
+                "raise strategy.k_per_image or strategy.pool_ratio, or lower the budget"
+            )
 
     def _candidates(self, ctx: RoundContext, image: int, taken: set[int]) -> torch.Tensor:
         s = ctx.store.size
