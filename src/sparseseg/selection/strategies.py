@@ -219,14 +219,16 @@ class TwoStageStrategy(Strategy):
         if ctx.progress is not None:
             ctx.progress("global herding", 1, 1)
         info = {"local_pool": len(flat), "pool": len(pool), "sigma": float(sigma)}
-        image, y, x = image[pool], y[pool], x[pool]
         if first_round or self.score is None:
-            return Picks(image, y, x, info)
+            return Picks(image[pool], y[pool], x[pool], info)
         # Stage 2: uncertainty over the pool, top b (stable sort: ties keep the herding order).
-        scores = _score(self.score, ctx, image, y, x)
-        top = torch.argsort(scores, descending=True, stable=True)[: ctx.budget]
+        # Every local pick is scored, not just the pool: the noisy-sample features of an image's
+        # local picks are then remembered as one request, and a later round asks the UNet again
+        # only for images whose local picks changed (those that got labels).
+        scores = _score(self.score, ctx, image, y, x)[pool]
+        top = pool[torch.argsort(scores, descending=True, stable=True)[: ctx.budget]]
         info["score_mean_pool"] = float(scores.mean())
-        info["score_mean_picked"] = float(scores[top].mean())
+        info["score_mean_picked"] = float(scores.sort(descending=True).values[: ctx.budget].mean())
         return Picks(image[top], y[top], x[top], info)
 
 
