@@ -5,6 +5,7 @@ Unknown keys are rejected (a misspelled key must not silently run on a default).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -157,10 +158,15 @@ def load_config(path: Path | None, overrides: list[str] | None = None, base: dic
     except ValidationError as err:
         raise SparsesegError(_format_validation(err, source)) from None
     # Absolute paths from here on: a saved config means the same files from any working directory.
-    absolute = {"data": config.data.absolute(), "out": config.out.absolute()}
-    backbone = {k: getattr(config.backbone, k).absolute() for k in ("checkpoint", "config_file")
+    absolute = {"data": _absolute(config.data), "out": _absolute(config.out)}
+    backbone = {k: _absolute(getattr(config.backbone, k)) for k in ("checkpoint", "config_file")
                 if getattr(config.backbone, k) is not None}
     return config.model_copy(update={**absolute, "backbone": config.backbone.model_copy(update=backbone)})
+
+
+def _absolute(path: Path) -> Path:
+    """Absolute and without '..', symlinks kept (resolve() would follow them)."""
+    return Path(os.path.normpath(path.absolute()))
 
 
 _PATH_KEYS = {("data",), ("out",), ("backbone", "checkpoint"), ("backbone", "config_file")}
@@ -174,7 +180,7 @@ def _resolve_paths(tree: dict[str, Any], folder: Path) -> dict[str, Any]:
             node = node.get(key) if isinstance(node, dict) else None
         if isinstance(node, dict) and isinstance(node.get(keys[-1]), str):
             value = Path(node[keys[-1]]).expanduser()
-            node[keys[-1]] = str(value if value.is_absolute() else folder / value)
+            node[keys[-1]] = os.path.normpath(value if value.is_absolute() else folder / value)
     return tree
 
 
