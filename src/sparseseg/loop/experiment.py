@@ -241,8 +241,7 @@ class Experiment:
         # 1. select b pixels (round 1 has no head: coverage alone)
         with self._phase(timings, "select"):
             ctx = RoundContext(self.train_store, self.labels, self.head, self.budget, r, self.config.seed,
-                               self.config.features.noise_samples,
-                               (lambda task, d, t: self.progress(task, d, t)) if self.progress else None)
+                               self.config.features.noise_samples, self.progress)
             picks = self.strategy.select(ctx)
         # 2. the oracle answers from the ground-truth mask (void stays void: budget spent, not trained on)
         answers = self.train.masks[picks.image, picks.y, picks.x].long()
@@ -269,8 +268,9 @@ class Experiment:
         return StepResult(r, record, r >= self.config.rounds)
 
     def _write_round(self, r: int, record: dict) -> None:
-        self.labels.subset(self.labels.round == r).write_csv(self.out / "picks" / f"round_{r:02d}.csv", self.train.names, self.class_names)
-        self.labels.write_csv(self.out / "labels.csv", self.train.names, self.class_names)
+        names, classes = self.train.names, self.class_names
+        self.labels.subset(self.labels.round == r).write_csv(self.out / "picks" / f"round_{r:02d}.csv", names, classes)
+        self.labels.write_csv(self.out / "labels.csv", names, classes)
         if self.config.preview_images:
             save_preview(self.out / "previews" / f"round_{r:02d}.png", self, r)
         if self.head is not None:

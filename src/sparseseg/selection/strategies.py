@@ -85,8 +85,6 @@ def _score(name: str, ctx: RoundContext, image: torch.Tensor, y: torch.Tensor, x
 class Strategy:
     """Base class: holds its config and whatever it caches across rounds."""
 
-    needs_head = False
-
     def __init__(self, config: StrategyConfig) -> None:
         self.config = config
 
@@ -132,7 +130,6 @@ class TwoStageStrategy(Strategy):
     def __init__(self, config: StrategyConfig, score: str | None) -> None:
         super().__init__(config)
         self.score = score
-        self.needs_head = score is not None
         # local picks depend only on (image, its labelled pixels): cache them across rounds
         self._local: dict[int, tuple[frozenset[int], torch.Tensor]] = {}
 
