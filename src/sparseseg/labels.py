@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from sparseseg.errors import SparsesegError
+from sparseseg.io import atomic_write
 
 IGNORE = 255  # an answer of "void / cannot tell": recorded, spends budget, never trained on
 
@@ -65,13 +66,15 @@ class PixelLabels:
     # ------------------------------------------------------------------ files
     def write_csv(self, path: Path, names: Sequence[str], class_names: Sequence[str]) -> None:
         """Write image,y,x,class_id,class,round rows atomically (temp file, then rename)."""
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        with tmp.open("w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["image", "y", "x", "class_id", "class", "round"])
-            for i, y, x, c, r in zip(*(t.tolist() for t in (self.image, self.y, self.x, self.cls, self.round)), strict=True):
-                writer.writerow([names[i], y, x, c, class_names[c] if c != IGNORE else "void", r])
-        tmp.replace(path)
+        def write(tmp: Path) -> None:
+            with tmp.open("w", newline="") as fh:
+                writer = csv.writer(fh)
+                writer.writerow(["image", "y", "x", "class_id", "class", "round"])
+                rows = zip(*(t.tolist() for t in (self.image, self.y, self.x, self.cls, self.round)), strict=True)
+                for i, y, x, c, r in rows:
+                    writer.writerow([names[i], y, x, c, class_names[c] if c != IGNORE else "void", r])
+
+        atomic_write(path, write)
 
     @classmethod
     def read_csv(cls, path: Path, names: Sequence[str]) -> PixelLabels:

@@ -14,7 +14,6 @@ The checkpoint is a dict that `load_adm` reads:
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from PIL import Image
 from sparseseg.backbones.adm import ADMFlags, ADMUNet
 from sparseseg.backbones.diffusion import NoiseSchedule
 from sparseseg.errors import SparsesegError
+from sparseseg.io import atomic_write
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 LOSS_EVERY = 10
@@ -83,13 +83,6 @@ def load_image_folder(images_dir: str | Path, size: int) -> torch.Tensor:
         except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
             raise SparsesegError(f"{f}: cannot read image ({err})") from None
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Writes through a temporary sibling and renames it, so a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _read_run(out: Path, flags: ADMFlags, size: int) -> dict:
@@ -201,9 +194,9 @@ def pretrain_adm(
             "seed": seed,
             "losses": losses,
         }
-        _atomic_write(out, lambda p: torch.save(state, p))
+        atomic_write(out, lambda p: torch.save(state, p))
         csv = "step,loss\n" + "".join(f"{s},{v:.6f}\n" for s, v in losses)
-        _atomic_write(out.with_name(out.name + ".losses.csv"), lambda p: p.write_text(csv))
+        atomic_write(out.with_name(out.name + ".losses.csv"), lambda p: p.write_text(csv))
 
     # 2. Train.
     model.train()

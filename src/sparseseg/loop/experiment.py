@@ -35,6 +35,7 @@ from sparseseg.data.dataset import Split, load_meta, load_split
 from sparseseg.errors import SparsesegError
 from sparseseg.features.store import DETERMINISTIC, FeatureStore
 from sparseseg.head.mlp import predict_proba, train_head
+from sparseseg.io import atomic_write, atomic_write_text
 from sparseseg.labels import IGNORE, PixelLabels
 from sparseseg.loop.metrics import ConfusionMatrix
 from sparseseg.loop.preview import save_preview
@@ -130,7 +131,7 @@ class Experiment:
         """Written only once data and backbone have loaded, so a typo leaves no stale config behind."""
         (self.out / "picks").mkdir(parents=True, exist_ok=True)
         (self.out / "previews").mkdir(exist_ok=True)
-        _atomic_write(self.out / "config.yaml", dump_config(self.config))
+        atomic_write_text(self.out / "config.yaml", dump_config(self.config))
 
     def _load(self, split: str, need_masks: bool) -> Split:
         data = load_split(self.config.data, split, progress=self._tick(f"loading {split}"))
@@ -150,7 +151,7 @@ class Experiment:
             except json.JSONDecodeError:
                 break  # a torn last line is an unfinished round: replay it
         if len(records) < len(lines):  # drop the torn tail so the next append starts a clean line
-            _atomic_write(path, "".join(json.dumps(r) + "\n" for r in records))
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
         return records
 
     def _read_labels(self) -> PixelLabels:
@@ -179,7 +180,7 @@ class Experiment:
                          "maps": [vars(i) for i in self.backbone.feature_info]},
             "budget_per_round": self.budget,
         }
-        _atomic_write(self.out / "meta.json", json.dumps(info, indent=2))
+        atomic_write_text(self.out / "meta.json", json.dumps(info, indent=2))
 
     # ------------------------------------------------------------------ helpers
     def _tick(self, task: str) -> Callable[[int, int], None] | None:
@@ -274,10 +275,9 @@ class Experiment:
         if self.config.preview_images:
             save_preview(self.out / "previews" / f"round_{r:02d}.png", self, r)
         if self.head is not None:
-            tmp = self.out / "head.pt.tmp"
-            torch.save({"round": r, "state_dict": self.head.state_dict(), "classes": self.class_names,
-                        "feature_dim": self.train_store.dim}, tmp)
-            tmp.replace(self.out / "head.pt")
+            state = {"round": r, "state_dict": self.head.state_dict(), "classes": self.class_names,
+                     "feature_dim": self.train_store.dim}
+            atomic_write(self.out / "head.pt", lambda tmp: torch.save(state, tmp))
         with (self.out / "rounds.jsonl").open("a") as fh:  # the commit point of the round
             fh.write(json.dumps(record) + "\n")
         self.records.append(record)
@@ -290,8 +290,3 @@ class Experiment:
                 self.progress("rounds", self.completed, self.config.rounds)
         return self.records
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from sparseseg.io import atomic_write
 from sparseseg.labels import IGNORE
 
 if TYPE_CHECKING:
@@ -57,6 +58,4 @@ def save_preview(path: Path, exp: Experiment, round: int) -> None:
             sheet.paste(Image.fromarray(pred).resize((side, side), Image.NEAREST), (side + 10, top))
         truth = colourise(exp.train.masks[img], palette)
         sheet.paste(Image.fromarray(truth).resize((side, side), Image.NEAREST), (2 * side + 20, top))
-    tmp = path.with_suffix(".tmp.png")
-    sheet.save(tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))
