@@ -23,6 +23,7 @@ from PIL import Image
 
 from sparseseg.backbones.adm import ADMFlags, ADMUNet
 from sparseseg.backbones.diffusion import NoiseSchedule
+from sparseseg.data.dataset import images_to_model_input
 from sparseseg.errors import SparsesegError
 from sparseseg.io import atomic_write
 
@@ -203,7 +204,7 @@ def pretrain_adm(
     window: list[float] = []
     while step < steps:
         idx = torch.randint(len(data), (batch_size,), generator=gen)
-        x0 = data[idx].float() / 127.5 - 1
+        x0 = images_to_model_input(data[idx].permute(0, 2, 3, 1))
         flip = torch.rand(batch_size, generator=gen) < 0.5
         x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sparseseg.data.dataset import read_rgb
+from sparseseg.data.dataset import images_to_model_input, read_rgb
 from sparseseg.errors import SparsesegError
 
 
@@ -47,7 +47,7 @@ def image_features(
     flags = ADMFlags.from_file(config_file) if config_file is not None else None
     model, flags = load_adm(checkpoint, flags=flags, preset=preset)
     pil = read_rgb(image).resize((size, size), resample=Image.BILINEAR)
-    x0 = torch.from_numpy(np.asarray(pil, dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1.0
+    x0 = images_to_model_input(torch.from_numpy(np.array(pil)))
     if noise_file is not None:
         noise = load_noise(noise_file, size)
     else:
