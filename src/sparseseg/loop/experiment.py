@@ -96,6 +96,8 @@ class Experiment:
         self.strategy.check_budget(len(self.train.names), self.meta.size, self.budget)
         self.backbone = load_backbone(config, self.device)
         feat = config.features
+        # Most reuse is on the training side (noise samples of every image); the evaluation split
+        # only needs its deterministic maps.
         self.train_store = FeatureStore(self.backbone, self.train.images, config.seed, config.train_split,
                                         feat.cache_gb * 0.75, config.backbone.batch_size, self.device)
         self.test_store = FeatureStore(self.backbone, self.test.images, config.seed, config.eval_split,
