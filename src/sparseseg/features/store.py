@@ -166,7 +166,7 @@ class FeatureStore:
             flat = (ys[idx] * self.size + xs[idx]).tolist()
             known = self._pixels.get((img, sample), {})
             if all(f in known for f in flat):
-                out[idx] = torch.stack([known[f] for f in flat]) if flat else out[idx]
+                out[idx] = torch.stack([known[f] for f in flat])
             else:
                 todo.append((img, idx, flat))
         for start in range(0, len(todo), self.batch_size):

@@ -70,7 +70,10 @@ def _score(name: str, ctx: RoundContext, image: torch.Tensor, y: torch.Tensor, x
     assert ctx.head is not None
 
     def probs(sample: int) -> torch.Tensor:
-        return predict_proba(ctx.head, ctx.store.at_pixels(image, y, x, sample))
+        tick = None
+        if ctx.progress is not None:
+            tick = lambda done, total: ctx.progress(f"noise sample {sample}", done, total)  # noqa: E731
+        return predict_proba(ctx.head, ctx.store.at_pixels(image, y, x, sample, progress=tick))
 
     if name in ("entropy", "margin", "least_confidence"):
         return getattr(uncertainty, name)(probs(DETERMINISTIC)[None])
