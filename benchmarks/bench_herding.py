@@ -8,7 +8,11 @@ Times both optimisers, checks that they return identical picks, and reports peak
   peak resident set, so it includes allocator slack; it is not a tensor-level measurement).
 
 Example:
-    python benchmarks/bench_herding.py --n 5000 --dim 512 --keep 2500 --device cpu --out bench.json
+    python benchmarks/bench_herding.py --n 5000 --dim 512 --keep 2500 --device cpu \
+        --out benchmarks/results/herding.json
+
+`--out` appends one record to a JSON list (created when missing): benchmark, hardware, date, the
+sizes, seconds and peak_gb for ours (lazy) and the reference (naive), their ratio, identical_picks.
 """
 
 from __future__ import annotations
@@ -87,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dim", type=int, default=512, help="feature dimension")
     ap.add_argument("--keep", type=int, default=2500, help="number of picks")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    ap.add_argument("--out", type=Path, default=None, help="append a record to this JSON list")
     ap.add_argument("--pool", choices=("clustered", "gaussian"), default="clustered")
     ap.add_argument("--block-size", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
@@ -148,9 +152,33 @@ def main(argv: list[str] | None = None) -> int:
     print(f"identical picks: {identical}")
     print(f"memory: {memory_note}")
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2))
+        append_record(args.out, report)
     return 0 if identical else 1
+
+
+def append_record(path: Path, report: dict) -> None:
+    """Append the run to a JSON list of records in the shared benchmark-results layout."""
+    def side(method: str) -> dict | None:
+        r = report["results"].get(method)
+        return None if r is None else {"method": method, "seconds": round(r["seconds"], 4),
+                                       "peak_gb": round(r["peak_extra_bytes"] / 2**30, 4)}
+
+    record = {
+        "benchmark": "max_herding",
+        "hardware": f"{report['device']}, {report['platform']}"
+        + (f", {report['threads']} threads" if report["threads"] else ""),
+        "date": time.strftime("%Y-%m-%d"),
+        "n": report["n"], "dim": report["dim"], "keep": report["keep"], "pool": report["pool"],
+        "ours": side("lazy"),
+        "reference": side("naive"),
+        "ratio_reference_over_ours": report.get("speedup_lazy_over_naive"),
+        "identical_picks": report["identical_picks"],
+        "memory_measure": report["memory_measure"],
+        "load_avg_1m_at_end": report["load_avg_1m_at_end"],
+    }
+    records = json.loads(path.read_text()) if path.exists() else []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records + [record], indent=2) + "\n")
 
 
 if __name__ == "__main__":
