@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import urllib.error
@@ -365,3 +366,79 @@ def test_training_loss_uses_epsilon_channels_and_generator():
     assert NoiseSchedule.named("cosine", 1000).betas.max() <= 0.999
     with pytest.raises(SparsesegError, match="linear, cosine"):
         NoiseSchedule.named("quadratic", 1000)
+
+
+# --- fast path: fused attention, bf16 autocast, channels_last, torch.compile --------------------
+
+# bf16 keeps 8 significant bits: each rounding of an activation or weight is off by up to
+# 2^-9 ≈ 2e-3 relative, and ~40 layers of such roundings accumulate like a random walk to about
+# sqrt(40) x 2e-3 ≈ 1.3e-2 (measured on the fixture: 1.3e-2 to 1.7e-2). 3e-2 leaves a factor two.
+BF16_TOL = 3e-2
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_legacy_attention_impl_matches_naive(legacy):
+    torch.manual_seed(1)
+    block = AttentionBlock(64, num_head_channels=16, use_new_attention_order=not legacy)
+    block.impl = "legacy"
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.2)
+        x = torch.randn(2, 64, 4, 5)
+        torch.testing.assert_close(block(x), naive_attention(block, x, legacy), rtol=1e-5, atol=1e-5)
+
+
+def test_sdpa_and_legacy_attention_agree_in_float32(fixture):
+    cfg, flags, model, expected = fixture
+    x_t = torch.from_numpy(expected["x_t150"])
+    try:
+        with torch.no_grad():
+            model.set_attention("legacy")
+            legacy = model.forward_blocks(x_t, 150, cfg["blocks"])
+            model.set_attention("sdpa")
+            sdpa = model.forward_blocks(x_t, 150, cfg["blocks"])
+    finally:
+        model.set_attention("sdpa")
+    for b in cfg["blocks"]:
+        torch.testing.assert_close(sdpa[b], legacy[b], rtol=1e-5, atol=1e-5)
+    with pytest.raises(SparsesegError, match="sdpa, legacy"):
+        model.set_attention("flash")
+
+
+def test_fast_path_matches_fixture_within_bf16_tolerance(fixture):
+    cfg, flags, model, expected = fixture
+    x0, noise = torch.from_numpy(expected["x0"]), torch.from_numpy(expected["noise"])
+    exact = ADMBackbone(model, flags, cfg["timesteps"], cfg["blocks"], input_size=cfg["input_size"])
+    fast = ADMBackbone(copy.deepcopy(model), flags, cfg["timesteps"], cfg["blocks"],
+                       input_size=cfg["input_size"], fast=True)  # bf16 autocast works on CPU too
+    assert (exact.fast, exact.attention, fast.fast, fast.attention) == (False, "legacy", True, "sdpa")
+    assert fast.model.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    errors = []
+    for info, fmap in zip(fast.feature_info, fast.extract(x0, noise), strict=True):
+        assert fmap.dtype == torch.float32
+        errors.append(rel_err(fmap.numpy(), expected[f"block{info.block}_t{info.timestep}"]))
+    assert max(errors) < BF16_TOL, errors
+    assert min(errors) > 1e-4, "the fast path did not run in bf16"
+    # The exact path is untouched by the fast one (separate copies of the weights).
+    for info, fmap in zip(exact.feature_info, exact.extract(x0, noise), strict=True):
+        assert rel_err(fmap.numpy(), expected[f"block{info.block}_t{info.timestep}"]) < TOL
+
+
+def test_compile_option_wraps_the_forward(monkeypatch):
+    flags = tiny_flags()
+    model = randomized(ADMUNet(flags))
+    compiled = []
+
+    def fake_compile(fn, **kwargs):
+        compiled.append(fn)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    plain = ADMBackbone(model, flags, [50, 100], [0, 2], input_size=32, fast=True)
+    wrapped = ADMBackbone(model, flags, [50, 100], [0, 2], input_size=32, fast=True, compile=True)
+    assert len(compiled) == 1 and compiled[0] == model.forward_blocks
+    for a, b in zip(plain.extract(images, None), wrapped.extract(images, None), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(SparsesegError, match="compile=True needs the fast path"):
+        ADMBackbone(model, flags, [50], [0], input_size=32, fast=False, compile=True)

@@ -7,7 +7,11 @@ from them. The flags are guided-diffusion's own (`script_util.model_and_diffusio
 command line copied from its README translates one to one into an `ADMFlags`.
 
 Differences from the original that do not change results:
-- attention runs through `F.scaled_dot_product_attention` (same maths, less memory);
+- attention has two implementations of the same maths (`AttentionBlock.impl`): "sdpa", PyTorch's
+  fused `F.scaled_dot_product_attention` (the default; flash/memory-efficient kernels on CUDA),
+  and "legacy", guided-diffusion's own formulation (q and k each scaled by ch^-1/4, explicit
+  (T, T) weights, softmax in float32). On CPU in float32 the two agree to the last bit in our
+  tests; `ADMBackbone` uses "legacy" for its exact float32 path and "sdpa" for its fast path;
 - `use_fp16` is accepted but ignored: weights stay float32 and `ADMBackbone` chooses the precision
   (bf16 autocast on CUDA, exact float32 on CPU);
 - `use_checkpoint` uses `torch.utils.checkpoint`, for attention blocks too only when asked
@@ -478,6 +482,7 @@ class AttentionBlock(nn.Module):
         self.num_heads = num_heads if num_head_channels == -1 else channels // num_head_channels
         self.use_checkpoint = use_checkpoint
         self.new_order = use_new_attention_order
+        self.impl = "sdpa"  # or "legacy"; see ATTENTION_IMPLS and ADMUNet.set_attention
         self.norm = _norm(channels)
         self.qkv = nn.Conv1d(channels, channels * 3, 1)
         self.proj_out = _zero(nn.Conv1d(channels, channels, 1))
@@ -497,10 +502,33 @@ class AttentionBlock(nn.Module):
             q, k, v = (t.reshape(b * heads, ch, length) for t in qkv.chunk(3, dim=1))
         else:
             q, k, v = qkv.reshape(b * heads, 3 * ch, length).split(ch, dim=1)
-        # SDPA scales by 1/sqrt(ch), the same as guided-diffusion's ch^-1/4 on both q and k.
-        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        h = self.proj_out(a.transpose(1, 2).reshape(b, c, length))
+        if self.impl == "legacy":
+            a = legacy_attention(q, k, v)
+        else:
+            # SDPA scales by 1/sqrt(ch), the same as guided-diffusion's ch^-1/4 on both q and k.
+            a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            a = a.transpose(1, 2)
+        h = self.proj_out(a.reshape(b, c, length))
         return (x + h).reshape(b, c, *spatial)
+
+
+#: Attention implementations of `AttentionBlock` (same maths; see the module docstring).
+ATTENTION_IMPLS = ("sdpa", "legacy")
+
+
+def legacy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention as guided-diffusion computes it, for (N, ch, T) queries, keys and values.
+
+    q and k are each scaled by ch^-1/4 before their product (for float16 headroom), the (N, T, T)
+    weights are materialised and normalised by a softmax in float32, then cast back.
+
+    Returns:
+        (N, ch, T).
+    """
+    scale = 1.0 / math.sqrt(math.sqrt(q.shape[1]))
+    weights = torch.einsum("nct,ncs->nts", q * scale, k * scale)
+    weights = torch.softmax(weights.float(), dim=-1).to(weights.dtype)
+    return torch.einsum("nts,ncs->nct", weights, v)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -664,6 +692,14 @@ class ADMUNet(nn.Module):
                 found[i] = h
         return {b: found[b] for b in blocks}
 
+    def set_attention(self, impl: str) -> None:
+        """Selects the attention implementation of every `AttentionBlock` ("sdpa" or "legacy")."""
+        if impl not in ATTENTION_IMPLS:
+            raise SparsesegError(f"attention {impl!r}: expected one of {', '.join(ATTENTION_IMPLS)}")
+        for module in self.modules():
+            if isinstance(module, AttentionBlock):
+                module.impl = impl
+
     def check_blocks(self, blocks: Sequence[int]) -> None:
         """Raises SparsesegError unless `blocks` is a non-empty list of valid decoder indices."""
         n = len(self.output_blocks)
@@ -802,19 +838,30 @@ class ADMBackbone:
     """Decoder features of ADM at several timesteps: a `FeatureBackbone`.
 
     Each image is noised with `q_sample` at every timestep using the same noise tensor, all
-    timesteps go through the UNet as one batch, and the outputs of the chosen `output_blocks`
-    are returned at native resolution.
+    images x timesteps go through the UNet as one batch, the UNet stops after the deepest
+    requested block, and the outputs of the chosen `output_blocks` are returned at native
+    resolution.
+
+    Two paths (see docs/performance.md):
+        exact (fast=False, the default on CPU): float32, guided-diffusion's "legacy" attention;
+            matches the guided-diffusion conformance fixture (relative error ~1e-6).
+        fast (fast=True, the default on CUDA): bf16 autocast, channels_last activations and
+            weights, attention through the fused `F.scaled_dot_product_attention`; optionally
+            `torch.compile`. Matches the exact path to bf16 accuracy (about 1.5e-2 relative L2
+            error per map on the fixture's random weights, tested below 3e-2).
 
     Args:
-        model: the UNet (moved to `device`, set to eval mode).
+        model: the UNet (moved to `device`, set to eval mode; channels_last on the fast path).
         flags: its flags (for the noise schedule).
         timesteps: diffusion timesteps, each in 0..diffusion_steps-1.
         blocks: indices into `output_blocks`.
         input_size: side of the square images `extract` takes (multiple of `model.size_divisor`).
         device: where to run.
-        fast: bf16 autocast and channels_last; default on CUDA only. On CPU everything stays
-            exact float32.
+        fast: the fast path; default: on CUDA only.
         noise_seed: seeds the fixed noise used when `extract` gets `noise=None`.
+        compile: wrap the UNet's forward in `torch.compile` (fast path only, off by default). It
+            pays on CUDA when many batches of one shape follow (a whole dataset): the first call
+            compiles for a minute or two, and each new batch shape compiles again.
 
     Raises:
         SparsesegError: bad timesteps, blocks, input size or a class-conditional model.
@@ -830,6 +877,7 @@ class ADMBackbone:
         device: str | torch.device = "cpu",
         fast: bool | None = None,
         noise_seed: int = 0,
+        compile: bool = False,
     ) -> None:
         if flags.class_cond:
             raise SparsesegError("class_cond ADM models need class labels; use an unconditional checkpoint")
@@ -845,9 +893,14 @@ class ADMBackbone:
             )
         self.device = torch.device(device)
         self.fast = self.device.type == "cuda" if fast is None else fast
+        if compile and not self.fast:
+            raise SparsesegError("compile=True needs the fast path (fast=True): the exact path stays eager")
         self.model = model.to(self.device).eval()
         if self.fast:
             self.model.to(memory_format=torch.channels_last)
+        self.attention = "sdpa" if self.fast else "legacy"
+        self.compiled = compile
+        self._forward_blocks = torch.compile(self.model.forward_blocks) if compile else self.model.forward_blocks
         self.flags = flags
         self.schedule = NoiseSchedule.named(flags.noise_schedule, flags.diffusion_steps)
         self.timesteps = [int(t) for t in timesteps]
@@ -876,6 +929,7 @@ class ADMBackbone:
         config_file: str | Path | None = None,
         device: str | torch.device = "cpu",
         fast: bool | None = None,
+        compile: bool = False,
     ) -> ADMBackbone:
         """Loads a checkpoint (see `load_adm`) and wraps it.
 
@@ -888,7 +942,7 @@ class ADMBackbone:
         flags = ADMFlags.from_file(config_file) if config_file is not None else None
         model, flags, recorded_size = _load(checkpoint, flags, preset)
         size = input_size or recorded_size or flags.image_size
-        return cls(model, flags, timesteps, blocks, size, device=device, fast=fast)
+        return cls(model, flags, timesteps, blocks, size, device=device, fast=fast, compile=compile)
 
     def _default_noise(self) -> torch.Tensor:
         """(1, 3, S, S) fixed noise shared by all images, as the reference code does."""
@@ -925,8 +979,9 @@ class ADMBackbone:
         t = torch.tensor(self.timesteps, device=self.device).repeat_interleave(b)
         if self.fast:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
+        self.model.set_attention(self.attention)  # the model may be shared with another backbone
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.fast):
-            maps = self.model.forward_blocks(x_t, t, self.blocks)
+            maps = self._forward_blocks(x_t, t, self.blocks)
         return [
             maps[blk][i * b : (i + 1) * b].float() for i in range(len(self.timesteps)) for blk in self.blocks
         ]

@@ -1,0 +1,380 @@
+"""Decoder features of any DDPM saved in the diffusers format (`UNet2DModel` + its scheduler).
+
+Where the model comes from:
+- a local folder as `save_pretrained` or the Hub write it: either a pipeline folder with `unet/`
+  (config.json + weights) and `scheduler/` (scheduler_config.json) subfolders, as
+  google/ddpm-bedroom-256 has, or a bare UNet folder (config.json + weights at the top,
+  optionally scheduler_config.json beside them);
+- a Hugging Face Hub repository id (such as google/ddpm-bedroom-256), downloaded into the Hub
+  cache when online. Offline, loading fails with one line saying so.
+
+The noise process is the checkpoint's own scheduler (its `add_noise`, i.e. its betas). A folder
+without a scheduler config gets diffusers' `DDPMScheduler` defaults (linear betas 1e-4..0.02 over
+`num_train_timesteps` of the UNet config, else 1000 steps), the schedule DDPMs are trained with.
+
+Features are the outputs of `unet.up_blocks[i]`, read with forward hooks. Block i returns the
+decoder state after its resnets (and attentions) and, for every block but the last, after its
+`upsamplers` (a 2x nearest upsample and a 3x3 conv). With L = len(block_out_channels) levels:
+
+    up_blocks[i]: channels = reversed(block_out_channels)[i],
+                  reduction = 2 ** (L - 2 - i) for i < L - 1, and 1 for the last block.
+
+For google/ddpm-bedroom-256 (block_out_channels 128, 128, 256, 256, 512, 512; 256x256):
+
+| block | module        | channels | map size | reduction |
+| ----- | ------------- | -------- | -------- | --------- |
+| 0     | `up_blocks.0` | 512      | 16       | 16        |
+| 1     | `up_blocks.1` | 512      | 32       | 8         |
+| 2     | `up_blocks.2` | 256      | 64       | 4         |
+| 3     | `up_blocks.3` | 256      | 128      | 2         |
+| 4     | `up_blocks.4` | 128      | 256      | 1         |
+| 5     | `up_blocks.5` | 128      | 256      | 1         |
+
+Defaults: for each distinct reduction the last block that has it, then the four finest of those
+(bedroom: 1, 2, 3, 5, i.e. 512@32, 256@64, 256@128, 128@256, the scales of the paper's ADM
+blocks); timesteps: the paper's 50, 150, 250 scaled to the scheduler's `num_train_timesteps`.
+All timesteps go through the UNet as one batch, and the forward pass stops after the deepest
+requested block.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparseseg.backbones.base import FeatureInfo
+from sparseseg.errors import SparsesegError
+
+PAPER_TIMESTEPS = (50, 150, 250)  # for a 1000-step schedule
+DEFAULT_NUM_BLOCKS = 4
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_LAYOUT_HELP = "expected config.json (+ weights) or unet/config.json, as written by save_pretrained"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise SparsesegError(f"{path}: cannot read ({_first_line(err)})") from None
+    if not isinstance(data, dict):
+        raise SparsesegError(f"{path}: expected a JSON object")
+    return data
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    return bool(_HUB_ID.match(source)) and not source.startswith((".", "~"))
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """The JSON files of a Hub repository (configs only: a few KB), in the Hub cache."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json"]))
+    except Exception as err:  # offline, unknown repo, gated repo, ...: all mean "cannot fetch"
+        raise SparsesegError(
+            f"{repo_id}: not a local folder and cannot be fetched from the Hugging Face Hub ({_first_line(err)}); "
+            f"download it while online or give a local diffusers folder as backbone.checkpoint"
+        ) from None
+
+
+def _unet_subfolder(folder: Path, where: str) -> str | None:
+    """'unet' for a pipeline layout, None for a bare UNet folder; checks the class name."""
+    if (folder / "unet" / "config.json").is_file():
+        sub, config_path = "unet", folder / "unet" / "config.json"
+    elif (folder / "config.json").is_file():
+        sub, config_path = None, folder / "config.json"
+    else:
+        raise SparsesegError(f"{where}: no diffusers UNet found ({_LAYOUT_HELP})")
+    cls = _read_json(config_path).get("_class_name")
+    if cls != "UNet2DModel":
+        shown = where if sub is None else f"{where}/unet"
+        raise SparsesegError(
+            f"{shown}/config.json: the model is {cls or 'not a diffusers model'}; only UNet2DModel "
+            f"(unconditional pixel-space DDPMs) is supported"
+        )
+    return sub
+
+
+def _scheduler(folder: Path, num_train_timesteps: int | None, where: str):
+    """The checkpoint's own scheduler, or DDPM defaults when the folder has none."""
+    import diffusers
+
+    if (folder / "scheduler" / "scheduler_config.json").is_file():
+        sub, config_path = "scheduler", folder / "scheduler" / "scheduler_config.json"
+    elif (folder / "scheduler_config.json").is_file():
+        sub, config_path = None, folder / "scheduler_config.json"
+    else:
+        return diffusers.DDPMScheduler(num_train_timesteps=num_train_timesteps or 1000)
+    name = _read_json(config_path).get("_class_name", "DDPMScheduler")
+    cls = getattr(diffusers, str(name), None)
+    if cls is None or not hasattr(cls, "add_noise"):
+        raise SparsesegError(f"{config_path}: scheduler {name!r} has no add_noise; expected a DDPM-style scheduler")
+    try:
+        # The JSON is already local (a folder, or the Hub snapshot of the configs).
+        return cls.from_pretrained(str(folder), subfolder=sub)
+    except Exception as err:
+        raise SparsesegError(f"{where}: cannot load the scheduler ({_first_line(err)})") from None
+
+
+@contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    """Silences diffusers' logging while loading: every problem becomes our own one-line error,
+    and a successful load of a .bin-only folder would otherwise log an ERROR about safetensors."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
+def load_diffusers_unet(source: str | Path) -> tuple[nn.Module, Any]:
+    """Loads a diffusers `UNet2DModel` and its noise scheduler.
+
+    Args:
+        source: a local folder (a `Path` is always taken as local), or a Hub repository id
+            "owner/name" when no such folder exists.
+
+    Returns:
+        (UNet2DModel in eval mode on the CPU, float32, frozen; its scheduler).
+
+    Raises:
+        SparsesegError: missing folder, a file instead of a folder, another model class, weights
+            that do not load, or a Hub id that cannot be fetched (offline).
+    """
+    from diffusers import UNet2DModel
+
+    text = str(source)
+    path = Path(text).expanduser()
+    hub = not path.exists() and not isinstance(source, Path) and _looks_like_hub_id(text)
+    if hub:
+        folder, where, load_from = _hub_snapshot(text), text, text
+    else:
+        if not path.exists():
+            raise SparsesegError(f"{path}: diffusers model folder not found")
+        if path.is_file():
+            raise SparsesegError(
+                f"{path}: a file, not a diffusers folder ({_LAYOUT_HELP}); "
+                f"an ADM .pt checkpoint needs backbone.name=adm"
+            )
+        folder, where, load_from = path, str(path), str(path)
+    sub = _unet_subfolder(folder, where)
+    try:
+        with _quiet_diffusers():
+            unet, loading = UNet2DModel.from_pretrained(load_from, subfolder=sub, low_cpu_mem_usage=False,
+                                                        output_loading_info=True)
+    except Exception as err:  # missing or corrupt weights, shape mismatches, download failure
+        raise SparsesegError(f"{where}: cannot load the UNet2DModel ({_first_line(err)})") from None
+    # diffusers only warns about these and leaves the missing layers random: refuse instead.
+    for kind in ("missing_keys", "unexpected_keys"):
+        keys = sorted(loading.get(kind) or [])
+        if keys:
+            more = f", ... {len(keys) - 3} more" if len(keys) > 3 else ""
+            raise SparsesegError(
+                f"{where}: the weights do not fit the UNet config: {len(keys)} {kind.replace('_', ' ')} "
+                f"({', '.join(keys[:3])}{more})"
+            )
+    unet = unet.float().eval()
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    scheduler = _scheduler(folder, unet.config.num_train_timesteps, where)
+    return unet, scheduler
+
+
+def size_divisor(unet: nn.Module) -> int:
+    """2 ** (number of downsampling blocks): input sides must be multiples of it."""
+    return 2 ** sum(getattr(block, "downsamplers", None) is not None for block in unet.down_blocks)
+
+
+def up_block_info(unet: nn.Module) -> list[tuple[int, int]]:
+    """(channels, reduction) of the output of every `unet.up_blocks[i]`, read from the modules."""
+    divisor, info, ups = size_divisor(unet), [], 0
+    for block in unet.up_blocks:
+        ups += getattr(block, "upsamplers", None) is not None
+        info.append((int(block.resnets[-1].out_channels), divisor // 2**ups))
+    return info
+
+
+def default_blocks(info: Sequence[tuple[int, int]], count: int = DEFAULT_NUM_BLOCKS) -> tuple[int, ...]:
+    """The last block at each distinct reduction, the `count` finest of them, in order."""
+    last = {reduction: i for i, (_, reduction) in enumerate(info)}
+    return tuple(sorted(sorted(last.values(), key=lambda i: info[i][1])[:count]))
+
+
+def default_timesteps(num_train_timesteps: int) -> tuple[int, ...]:
+    """The paper's 50, 150, 250 of 1000 steps, scaled to this schedule's length."""
+    scaled = (round(t * num_train_timesteps / 1000) for t in PAPER_TIMESTEPS)
+    return tuple(dict.fromkeys(min(max(t, 0), num_train_timesteps - 1) for t in scaled))
+
+
+class _Stop(Exception):
+    """Raised by the hook of the deepest wanted block: the rest of the decoder is not needed."""
+
+
+class DiffusersUNetBackbone:
+    """`up_blocks` activations of a diffusers UNet2DModel at several timesteps: a `FeatureBackbone`.
+
+    Each image is noised with the scheduler's `add_noise` at every timestep using the same noise
+    tensor; all timesteps go through the UNet as one batch.
+
+    Args:
+        unet: a `UNet2DModel` (moved to `device`, eval mode).
+        scheduler: a diffusers scheduler with `add_noise` and `alphas_cumprod`.
+        timesteps: training timesteps, each in 0..num_train_timesteps-1; None: `default_timesteps`.
+        blocks: indices into `unet.up_blocks`; None: `default_blocks`.
+        input_size: side of the square input, a multiple of 2 ** (number of downsamplers);
+            None: the UNet config's `sample_size`.
+        device: where to run.
+        fast: bf16 autocast and channels_last; default on CUDA only (CPU stays exact float32).
+        noise_seed: seeds the fixed noise used when `extract` gets `noise=None`.
+
+    Raises:
+        SparsesegError: bad timesteps, blocks or input size, or a class-conditional UNet.
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        scheduler: Any,
+        timesteps: Sequence[int] | None = None,
+        blocks: Sequence[int] | None = None,
+        input_size: int | None = None,
+        device: str | torch.device = "cpu",
+        fast: bool | None = None,
+        noise_seed: int = 0,
+    ) -> None:
+        if getattr(unet, "class_embedding", None) is not None:
+            raise SparsesegError("class-conditional UNet2DModel: use an unconditional DDPM")
+        if unet.config.in_channels != 3:
+            raise SparsesegError(
+                f"UNet2DModel with in_channels={unet.config.in_channels}: expected an RGB pixel-space model (3)"
+            )
+        steps = int(scheduler.config.num_train_timesteps)
+        timesteps = default_timesteps(steps) if timesteps is None else tuple(int(t) for t in timesteps)
+        if not timesteps or any(not 0 <= t < steps for t in timesteps):
+            raise SparsesegError(f"timesteps {list(timesteps)}: expected values in 0..{steps - 1} (this scheduler)")
+        self.block_info = up_block_info(unet)
+        n = len(self.block_info)
+        blocks = default_blocks(self.block_info) if blocks is None else tuple(int(b) for b in blocks)
+        if not blocks or any(not 0 <= b < n for b in blocks) or len(set(blocks)) != len(blocks):
+            raise SparsesegError(
+                f"blocks {list(blocks)}: expected distinct up_blocks indices in 0..{n - 1} "
+                f"({', '.join(f'{i}: {c}@1/{r}' for i, (c, r) in enumerate(self.block_info))})"
+            )
+        divisor = size_divisor(unet)
+        sample = unet.config.sample_size
+        native = sample if isinstance(sample, int) else (sample[0] if sample else None)
+        size = input_size or native
+        if not size or size <= 0 or size % divisor:
+            raise SparsesegError(
+                f"input_size {size}: must be a positive multiple of {divisor} for this UNet "
+                f"({len(unet.down_blocks)} levels); set backbone.input_size"
+            )
+        self.device = torch.device(device)
+        self.fast = self.device.type == "cuda" if fast is None else fast
+        self.unet = unet.to(self.device).eval()
+        if self.fast:
+            self.unet.to(memory_format=torch.channels_last)
+        self.scheduler = scheduler
+        self.timesteps = list(timesteps)
+        self.blocks = list(blocks)
+        self.input_size = int(size)
+        self.noise_seed = noise_seed
+        self.feature_info = [
+            FeatureInfo(num_chs=self.block_info[b][0], reduction=self.block_info[b][1], block=b, timestep=t)
+            for t in self.timesteps
+            for b in self.blocks
+        ]
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str | Path,
+        timesteps: Sequence[int] | None = None,
+        blocks: Sequence[int] | None = None,
+        input_size: int | None = None,
+        device: str | torch.device = "cpu",
+        fast: bool | None = None,
+    ) -> DiffusersUNetBackbone:
+        """Loads a folder or Hub id (see `load_diffusers_unet`) and wraps it."""
+        unet, scheduler = load_diffusers_unet(source)
+        return cls(unet, scheduler, timesteps, blocks, input_size, device=device, fast=fast)
+
+    def _default_noise(self) -> torch.Tensor:
+        """(1, 3, S, S) fixed noise shared by all images (as ADMBackbone does)."""
+        gen = torch.Generator().manual_seed(self.noise_seed)
+        return torch.randn((1, 3, self.input_size, self.input_size), generator=gen)
+
+    def noisy_inputs(self, images: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_t for every timestep, timestep-major: ((T*B, 3, S, S), (T*B,) timesteps).
+
+        Args:
+            images: (B, 3, S, S) clean images in [-1, 1] on `device`.
+            noise: (B or 1, 3, S, S) standard normal noise on `device`, used at every timestep.
+        """
+        b = images.shape[0]
+        noise = noise.expand_as(images)
+        t = torch.tensor(self.timesteps, device=self.device, dtype=torch.long).repeat_interleave(b)
+        x_t = self.scheduler.add_noise(images.repeat(len(self.timesteps), 1, 1, 1),
+                                       noise.repeat(len(self.timesteps), 1, 1, 1), t)
+        return x_t, t
+
+    def extract(self, images: torch.Tensor, noise: torch.Tensor | None) -> list[torch.Tensor]:
+        """Feature maps for a batch.
+
+        Args:
+            images: (B, 3, S, S) in [-1, 1], S = `input_size`.
+            noise: (B, 3, S, S) standard normal noise (or (1, 3, S, S), shared), used at every
+                timestep; None draws a fixed noise from `noise_seed`.
+
+        Returns:
+            One float32 (B, num_chs, S / reduction, S / reduction) tensor per `feature_info`
+            entry, on `device`, in timestep-major order.
+        """
+        s = self.input_size
+        if images.ndim != 4 or tuple(images.shape[1:]) != (3, s, s):
+            raise SparsesegError(f"images of shape {tuple(images.shape)}: expected (B, 3, {s}, {s})")
+        noise = self._default_noise() if noise is None else noise
+        if noise.ndim != 4 or tuple(noise.shape[1:]) != (3, s, s) or noise.shape[0] not in (1, images.shape[0]):
+            raise SparsesegError(f"noise of shape {tuple(noise.shape)}: expected (B or 1, 3, {s}, {s})")
+        b = images.shape[0]
+        x_t, t = self.noisy_inputs(images.to(self.device, torch.float32), noise.to(self.device, torch.float32))
+        if self.fast:
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
+        found: dict[int, torch.Tensor] = {}
+        last = max(self.blocks)
+
+        def hook(index: int):
+            def keep(_module: nn.Module, _inputs: Any, output: Any) -> None:
+                # Skip-style blocks (score-SDE UNets) return (sample, skip_sample).
+                found[index] = output[0] if isinstance(output, tuple) else output
+                if index == last:
+                    raise _Stop
+
+            return keep
+
+        handles = [self.unet.up_blocks[i].register_forward_hook(hook(i)) for i in self.blocks]
+        try:
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.fast):
+                self.unet(x_t, t, return_dict=False)
+        except _Stop:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return [found[blk][i * b : (i + 1) * b].float() for i in range(len(self.timesteps)) for blk in self.blocks]
