@@ -20,18 +20,37 @@ class _Frozen(BaseModel):
 
 
 class BackboneConfig(_Frozen):
-    """Which diffusion UNet gives the pixel features, and where they are read."""
+    """Which network gives the pixel features, and where its weights are read (docs/backbones.md)."""
 
-    # --- checkpoint ---
-    name: Literal["adm"] = "adm"
-    checkpoint: Path | None = None
-    preset: str | None = None  # OpenAI flags for a plain state dict: imagenet_256, lsun_bedroom
-    config_file: Path | None = None  # guided-diffusion flags as JSON/YAML
-    # --- features (the paper's defaults: later denoising steps, decoder blocks of 4 scales) ---
-    timesteps: tuple[int, ...] = (50, 150, 250)
-    blocks: tuple[int, ...] = (5, 8, 12, 17)
+    # --- which network and its weights ---
+    name: Literal["adm", "diffusers", "efficientnet_lite0"] = "adm"
+    checkpoint: Path | None = None  # adm: a .pt file; diffusers: a local folder (save_pretrained layout)
+    hub_id: str | None = None  # diffusers only: a Hugging Face Hub repo id such as google/ddpm-bedroom-256
+    preset: str | None = None  # adm only: OpenAI flags for a plain state dict: imagenet_256, lsun_bedroom
+    config_file: Path | None = None  # adm only: guided-diffusion flags as JSON/YAML
+    # --- features; None: the backbone's default (adm: the paper's 50,150,250 and 5,8,12,17) ---
+    timesteps: tuple[int, ...] | None = None  # diffusion backbones only
+    blocks: tuple[int, ...] | None = None  # adm: output_blocks; diffusers: up_blocks; efficientnet: stages
+    input_size: int | None = Field(None, ge=1)  # None: the checkpoint's size (adm, diffusers), else the data's
     device: str = "auto"  # auto = cuda when present
-    batch_size: int = Field(4, ge=1)  # images per UNet call
+    batch_size: int = Field(4, ge=1)  # images per backbone call
+
+    @model_validator(mode="after")
+    def _check_fields(self) -> BackboneConfig:
+        # A setting the chosen backbone ignores is an error: it would silently change nothing.
+        unused = {
+            "hub_id": self.name != "diffusers" and self.hub_id is not None,
+            "preset": self.name != "adm" and self.preset is not None,
+            "config_file": self.name != "adm" and self.config_file is not None,
+            "timesteps": self.name == "efficientnet_lite0" and self.timesteps is not None,
+            "checkpoint": self.name == "efficientnet_lite0" and self.checkpoint is not None,
+        }
+        for key, bad in unused.items():
+            if bad:
+                raise ValueError(f"backbone.{key} is not used by backbone.name={self.name}")
+        if self.name == "diffusers" and self.checkpoint is not None and self.hub_id is not None:
+            raise ValueError("backbone.checkpoint and backbone.hub_id both set: give one diffusers model")
+        return self
 
 
 class FeatureConfig(_Frozen):
@@ -54,6 +73,7 @@ class HeadConfig(_Frozen):
     batch_size: int = Field(64, ge=2)
     patience: int = Field(50, ge=1)  # early stop: iterations without loss improvement ...
     target_accuracy: float = 0.95  # ... once training accuracy exceeds this (paper, Sec. 4.2)
+    dropout: float = Field(0.0, ge=0, lt=1)  # after each hidden block; > 0 for MC-dropout scores (BALD)
 
 
 class StrategyConfig(_Frozen):
@@ -65,6 +85,18 @@ class StrategyConfig(_Frozen):
     pool_ratio: float = Field(0.5, gt=0, le=1)  # M = pool_ratio * N * K
     bandwidth_fraction: float = Field(0.01, gt=0, le=1)  # subsample for the median heuristic
     herding: Literal["lazy", "naive", "stochastic"] = "lazy"
+    max_memory_gb: float | None = Field(None, gt=0)  # cap on coverage working memory (docs/performance.md)
+    power: float = Field(1.0, gt=0)  # exponent of power sampling (power_bald, power_dald): p ~ score**power
+    top_fraction: float | None = Field(None, gt=0, le=1)  # PixelPick rule: keep this top fraction, draw b
+    pixels_per_image: int | None = Field(None, ge=1)  # single-stage scores: None = every pixel
+    switch_after: int | None = Field(None, ge=1)  # schedule: `name` up to this round, ...
+    then: str | None = None  # ... this strategy after it (paper: two_stage_edald, then margin)
+
+    @model_validator(mode="after")
+    def _check_schedule(self) -> StrategyConfig:
+        if (self.switch_after is None) != (self.then is None):
+            raise ValueError("switch_after and then go together: give both or neither")
+        return self
 
 
 class ExperimentConfig(_Frozen):
@@ -86,8 +118,12 @@ class ExperimentConfig(_Frozen):
 
     @model_validator(mode="after")
     def _check_backbone(self) -> ExperimentConfig:
-        if self.backbone.checkpoint is None:
+        bb = self.backbone
+        if bb.name == "adm" and bb.checkpoint is None:
             raise ValueError("backbone.checkpoint is required (an ADM .pt from OpenAI or `sparseseg pretrain`)")
+        if bb.name == "diffusers" and bb.checkpoint is None and bb.hub_id is None:
+            raise ValueError("backbone.checkpoint (a local diffusers folder) or backbone.hub_id is required "
+                             "for backbone.name=diffusers")
         return self
 
     def budget_for(self, num_images: int) -> int:

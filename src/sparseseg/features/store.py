@@ -140,7 +140,8 @@ class FeatureStore:
             self._cache[pair] = [m.to("cpu") for m in maps]
             self._cache_bytes += nbytes
 
-    def _ready(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+    def ready(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Maps as `maps` returns them, on the device in float32, ready for `sample_maps`."""
         return [m.to(self.device, torch.float32) for m in maps]
 
     # ---------------------------------------------------------------- pixel features
@@ -173,7 +174,7 @@ class FeatureStore:
             batch = todo[start : start + self.batch_size]
             maps = self.maps([(img, sample) for img, _, _ in batch])
             for (img, idx, flat), image_maps in zip(batch, maps, strict=True):
-                feats = sample_maps(self._ready(image_maps), ys[idx], xs[idx], self.size).cpu()
+                feats = sample_maps(self.ready(image_maps), ys[idx], xs[idx], self.size).cpu()
                 out[idx] = feats
                 self._remember_pixels((img, sample), flat, feats)
             if progress is not None:
@@ -195,7 +196,7 @@ class FeatureStore:
 
         Memory stays at one tile (tile_pixels x D floats) however large the image.
         """
-        maps = self._ready(self.maps([(image, sample)])[0])
+        maps = self.ready(self.maps([(image, sample)])[0])
         flat = torch.arange(self.size * self.size)
         for chunk in torch.split(flat, tile_pixels):
             yield sample_maps(maps, chunk // self.size, chunk % self.size, self.size)

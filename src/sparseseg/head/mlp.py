@@ -17,12 +17,19 @@ def default_hidden(num_classes: int) -> tuple[int, int]:
     return (128, 32) if num_classes < 30 else (256, 128)
 
 
-def make_head(dim: int, num_classes: int, hidden: tuple[int, ...] | None = None) -> nn.Sequential:
-    """MLP dim -> h1 -> h2 -> C with ReLU then BatchNorm after each hidden layer; returns logits."""
+def make_head(dim: int, num_classes: int, hidden: tuple[int, ...] | None = None,
+              dropout: float = 0.0) -> nn.Sequential:
+    """MLP dim -> h1 -> h2 -> C with ReLU then BatchNorm after each hidden layer; returns logits.
+
+    With `dropout` > 0 a Dropout follows each hidden block (not in the paper's head; it is what
+    MC-dropout scores such as BALD sample from, see `mc_dropout_proba`).
+    """
     layers: list[nn.Module] = []
     width = dim
     for h in hidden or default_hidden(num_classes):
         layers += [nn.Linear(width, h), nn.ReLU(), nn.BatchNorm1d(h)]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
         width = h
     layers.append(nn.Linear(width, num_classes))
     return nn.Sequential(*layers)
@@ -65,7 +72,7 @@ def _train(features, labels, num_classes, config, seed, device) -> nn.Sequential
         raise ValueError("train_head needs at least one labelled pixel")
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    head = make_head(features.shape[1], num_classes, config.hidden).to(device)
+    head = make_head(features.shape[1], num_classes, config.hidden, config.dropout).to(device)
     # BatchNorm needs two samples in a batch: with a single labelled pixel, show it twice.
     if len(labels) == 1:
         features, labels = features.repeat(2, 1), labels.repeat(2)
@@ -104,3 +111,36 @@ def predict_proba(head: nn.Module, features: torch.Tensor, batch: int = 65536) -
     device = next(head.parameters()).device
     out = [torch.softmax(head(chunk.to(device)).float(), dim=1).cpu() for chunk in torch.split(features, batch)]
     return torch.cat(out) if out else torch.empty(0, head[-1].out_features)
+
+
+def has_dropout(head: nn.Module) -> bool:
+    """Whether the head has Dropout layers to sample from."""
+    return any(isinstance(m, nn.Dropout) and m.p > 0 for m in head.modules())
+
+
+@torch.no_grad()
+def mc_dropout_proba(head: nn.Module, features: torch.Tensor, passes: int, seed: int,
+                     batch: int = 65536) -> torch.Tensor:
+    """Softmax probabilities of `passes` stochastic forward passes: (passes, n, C).
+
+    Dropout is switched on and BatchNorm stays in eval mode (its running statistics), so only
+    the dropout masks differ between passes. The masks come from a private RNG seeded by `seed`,
+    so the same call gives the same samples and the global RNG is left untouched.
+    """
+    device = next(head.parameters()).device
+    dropouts = [m for m in head.modules() if isinstance(m, nn.Dropout)]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for m in dropouts:
+            m.train()
+        try:
+            out = torch.stack([
+                torch.cat([torch.softmax(head(chunk.to(device)).float(), dim=1).cpu()
+                           for chunk in torch.split(features, batch)])
+                if len(features) else torch.empty(0, head[-1].out_features)
+                for _ in range(passes)
+            ])
+        finally:
+            for m in dropouts:
+                m.eval()
+    return out

@@ -39,7 +39,7 @@ from sparseseg.io import atomic_write, atomic_write_text
 from sparseseg.labels import IGNORE, PixelLabels
 from sparseseg.loop.metrics import ConfusionMatrix
 from sparseseg.loop.preview import save_preview
-from sparseseg.selection.strategies import RoundContext, create_strategy, derived_generator
+from sparseseg.selection.strategies import RoundContext, check_strategy, create_strategy, derived_generator
 
 Progress = Callable[[str, int, int], None]
 
@@ -68,14 +68,32 @@ class StepResult:
 
 
 def load_backbone(config: ExperimentConfig, device: torch.device):
-    """The configured backbone, at the size recorded in a pretrain checkpoint, else its flags' image_size."""
-    from sparseseg.backbones.adm import ADMBackbone
+    """The configured backbone (`sparseseg.backbones.registry`). Without `backbone.input_size` it runs
+    at the checkpoint's size (ADM: recorded by pretrain, else its flags'; diffusers: `sample_size`),
+    else at the dataset's."""
+    from sparseseg.backbones.registry import build_backbone
 
-    bb = config.backbone
-    return ADMBackbone.from_checkpoint(
-        bb.checkpoint, timesteps=bb.timesteps, blocks=bb.blocks, input_size=None,
-        preset=bb.preset, config_file=bb.config_file, device=str(device),
-    )
+    return build_backbone(config.backbone, device, default_size=load_meta(config.data).size)
+
+
+def predict_image(head: torch.nn.Module, store: FeatureStore, image: int, tile_pixels: int) -> torch.Tensor:
+    """(S, S) predicted class ids of one image of `store`, computed tile by tile."""
+    tiles = [predict_proba(head, t).argmax(1) for t in store.image_tiles(image, DETERMINISTIC, tile_pixels)]
+    return torch.cat(tiles).view(store.size, store.size)
+
+
+def evaluate_head(head: torch.nn.Module, store: FeatureStore, masks: torch.Tensor, class_names: list[str],
+                  tile_pixels: int, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Confusion-matrix mIoU of `head` over every image of `store` against `masks` (N, S, S).
+
+    Shared by the active-learning loop and the fully supervised reference, so both are scored alike.
+    """
+    cm = ConfusionMatrix(len(class_names), ignore_index=IGNORE)
+    for i in range(len(store)):
+        cm.update(predict_image(head, store, i, tile_pixels), masks[i])
+        if progress:
+            progress(i + 1, len(store))
+    return cm.to_dict(class_names)
 
 
 class Experiment:
@@ -95,6 +113,7 @@ class Experiment:
         self.strategy = create_strategy(config.strategy)
         self.strategy.check_budget(len(self.train.names), self.meta.size, self.budget)
         self.backbone = load_backbone(config, self.device)
+        check_strategy(self.strategy, self.backbone, config.head.dropout)
         feat = config.features
         # Most reuse is on the training side (noise samples of every image); the evaluation split
         # only needs its deterministic maps.
@@ -177,7 +196,9 @@ class Experiment:
             "dataset": {"root": str(self.config.data), "name": self.meta.name, "classes": self.class_names,
                         "size": self.meta.size, "train_images": len(self.train.names),
                         "test_images": len(self.test.names)},
-            "backbone": {"checkpoint": str(self.config.backbone.checkpoint),
+            "backbone": {"name": self.config.backbone.name,
+                         "weights": str(self.config.backbone.checkpoint or self.config.backbone.hub_id
+                                        or "shipped with the package"),
                          "input_size": self.backbone.input_size, "feature_dim": self.train_store.dim,
                          "maps": [vars(i) for i in self.backbone.feature_info]},
             "budget_per_round": self.budget,
@@ -220,19 +241,12 @@ class Experiment:
 
     def predict(self, store: FeatureStore, image: int) -> torch.Tensor:
         """(S, S) predicted class ids of one image, computed tile by tile."""
-        tiles = [predict_proba(self.head, t).argmax(1) for t in store.image_tiles(image, DETERMINISTIC,
-                                                                                   self.config.features.tile_pixels)]
-        return torch.cat(tiles).view(store.size, store.size)
+        return predict_image(self.head, store, image, self.config.features.tile_pixels)
 
     def evaluate(self) -> dict:
         """Confusion-matrix mIoU over the whole evaluation split."""
-        cm = ConfusionMatrix(len(self.class_names), ignore_index=IGNORE)
-        tick = self._tick("evaluating")
-        for i in range(len(self.test_store)):
-            cm.update(self.predict(self.test_store, i), self.test.masks[i])
-            if tick:
-                tick(i + 1, len(self.test_store))
-        return cm.to_dict(self.class_names)
+        return evaluate_head(self.head, self.test_store, self.test.masks, self.class_names,
+                             self.config.features.tile_pixels, self._tick("evaluating"))
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> StepResult:
@@ -244,7 +258,7 @@ class Experiment:
         # 1. select b pixels (round 1 has no head: coverage alone)
         with self._phase(timings, "select"):
             ctx = RoundContext(self.train_store, self.labels, self.head, self.budget, r, self.config.seed,
-                               self.config.features.noise_samples, self.progress)
+                               self.config.features.noise_samples, self.progress, self.config.features.tile_pixels)
             picks = self.strategy.select(ctx)
         # 2. the oracle answers from the ground-truth mask (void stays void: budget spent, not trained on)
         answers = self.train.masks[picks.image, picks.y, picks.x].long()

@@ -23,6 +23,24 @@ designed out here:
 With identical kernel rows and gains, the monotonicity of floating-point subtraction and
 addition keeps stale gains valid upper bounds bit for bit, and ties are broken the same way
 (lowest index wins) by ordering the lazy heap on (-gain, index).
+
+Memory. Nothing here ever needs the n x n kernel except the "naive" reference. `max_memory_gb`
+caps the tensors a call allocates (the input features themselves are the caller's and are not
+counted; GB = 2^30 bytes); `herding_plan` turns the cap into a layout:
+
+* The running state of lazy greedy is small: per pool point two values (squared norm, coverage)
+  plus a few (R, n) kernel blocks. Whatever the cap leaves over holds the row cache, whose size
+  only changes speed, never the picks: with a cap, picks are bit-identical to the uncapped lazy
+  and naive ones (labelled rows are evaluated in the same fixed R-row batches as everything else).
+* When even that running state does not fit (about (2 + 3R) x 4 bytes per pool point in float32,
+  R = 32), the pool is split into S contiguous shards of near-equal size, each small enough to fit.
+  Shard s gets a budget k_s proportional to its size (largest remainder: the floors of k·n_s/n,
+  then one more pick to the shards with the largest fractional parts, lowest index first on ties)
+  and is herded exactly, with its coverage initialised from ALL labelled points and ALL picks of
+  shards 1..s-1 (not a random subset of them). This is an approximation of the global greedy: a
+  pick only counts coverage inside its own shard when it is chosen, and later shards see earlier
+  picks but not the reverse. Its coverage is measured against the exact greedy in the tests and
+  in `benchmarks/bench_herding.py --max-memory`.
 """
 
 from __future__ import annotations
@@ -31,13 +49,14 @@ import heapq
 import math
 import numbers
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from sparseseg.errors import SparsesegError
 from sparseseg.selection import kernels
 
-__all__ = ["max_herding", "coverage", "EVAL_ROWS", "METHODS"]
+__all__ = ["max_herding", "coverage", "herding_plan", "HerdingPlan", "EVAL_ROWS", "METHODS", "GB"]
 
 #: Candidate rows evaluated per kernel call (capped by block_size). Fixed so that every kernel
 #: row is produced by an identically shaped matmul (see module docstring).
@@ -45,22 +64,38 @@ EVAL_ROWS = 32
 
 METHODS = ("naive", "lazy", "stochastic")
 
+#: Bytes per GB in `max_memory_gb`.
+GB = 2**30
+
 
 # ----------------------------------------------------------------------------------------------
 # validation
 
 
 def _check_features(z: object, name: str) -> torch.Tensor:
-    z = kernels.check_matrix(z, name)
-    if z.numel() and not bool(torch.isfinite(z).all()):
-        raise SparsesegError(f"{name} contains NaN or infinite values; features must be finite")
-    if z.dtype in (torch.float16, torch.bfloat16):
-        # ||a||² + ||b||² - 2ab cancels badly in half precision.
-        z = z.float()
-    return z
+    # Finiteness is checked on the squared norms, which every method computes anyway (a row with
+    # a NaN or an infinity has a non-finite squared norm): no extra pass, no (n, D) temporary.
+    return kernels.check_matrix(z, name)
+
+
+def _sqnorm(x: torch.Tensor) -> torch.Tensor:
+    """(n,) squared row norms as n dot products: a batched matmul, no (n, D) temporary."""
+    return torch.bmm(x[:, None, :], x[:, :, None]).view(-1)
+
+
+def _not_finite(name: str) -> SparsesegError:
+    return SparsesegError(
+        f"{name} contains NaN or infinite values (or values whose squares overflow); features must be finite"
+    )
+
+
+def _work_dtype(z: torch.Tensor) -> torch.dtype:
+    # ||a||² + ||b||² - 2ab cancels badly in half precision: compute in float32.
+    return torch.float32 if z.dtype in (torch.float16, torch.bfloat16) else z.dtype
 
 
 def _check_labelled(labelled: torch.Tensor | None, z: torch.Tensor) -> torch.Tensor | None:
+    """The labelled features, validated but not copied: rows are converted batch by batch."""
     if labelled is None:
         return None
     labelled = _check_features(labelled, "labelled")
@@ -71,7 +106,7 @@ def _check_labelled(labelled: torch.Tensor | None, z: torch.Tensor) -> torch.Ten
         )
     if labelled.shape[0] == 0:
         return None
-    return labelled.to(device=z.device, dtype=z.dtype)
+    return labelled
 
 
 def _check_int(value: object, name: str, minimum: int) -> int:
@@ -87,13 +122,15 @@ def _check_int(value: object, name: str, minimum: int) -> int:
 class _Pool:
     """The candidate features plus what every kernel-row evaluation needs."""
 
-    def __init__(self, z: torch.Tensor, sigma: float, rows: int) -> None:
+    def __init__(self, z: torch.Tensor, sigma: float, rows: int, name: str = "z") -> None:
         self.z = z
         self.n = z.shape[0]
         self.sigma = sigma
         self.rows = rows
         # Squared norms computed once; indexing them keeps each row's value batch-independent.
-        self.sqnorm = (z * z).sum(dim=1)
+        self.sqnorm = _sqnorm(z)
+        if not bool(torch.isfinite(self.sqnorm).all()):
+            raise _not_finite(name)
 
     def kernel_rows(self, idx: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """(R, n) kernel rows k(z_j, z) for the candidates `idx` (len <= R), padded to R rows."""
@@ -103,6 +140,28 @@ class _Pool:
             # Always the same matmul shape: pad with copies of the last index (results discarded).
             idx = torch.cat([idx, idx[-1:].expand(self.rows - m)])
         return kernels.rbf(self.z[idx], self.z, self.sigma, a_sqnorm=self.sqnorm[idx], b_sqnorm=self.sqnorm)
+
+    def source_rows(
+        self, src: torch.Tensor, start: int, stop: int, idx: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(R, n) kernel rows of outside points against the pool, padded to R rows like `kernel_rows`,
+        and the (R,) squared norms of those points.
+
+        The points are src[start:stop] (idx None) or src[idx[start:stop]], stop - start <= R; src
+        may have another dtype or device than the pool (converted here, R rows at a time).
+        """
+        if idx is None:
+            a = src[start:stop]
+            if a.shape[0] < self.rows:
+                a = torch.cat([a, a[-1:].expand(self.rows - a.shape[0], -1)])
+        else:
+            sel = idx[start:stop]
+            if sel.numel() < self.rows:
+                sel = torch.cat([sel, sel[-1:].expand(self.rows - sel.numel())])
+            a = src[sel.to(src.device)]
+        a = a.to(device=self.z.device, dtype=self.z.dtype)
+        a_sqnorm = _sqnorm(a)
+        return kernels.rbf(a, self.z, self.sigma, a_sqnorm=a_sqnorm, b_sqnorm=self.sqnorm), a_sqnorm
 
 
 def _gains(rows: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
@@ -121,14 +180,28 @@ def _gains(rows: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
     return (rows - cov[None, :]).clamp_(min=0.0).sum(dim=1)
 
 
-def _initial_coverage(pool: _Pool, labelled: torch.Tensor | None, block_size: int) -> torch.Tensor:
-    """(n,) running max of the kernel from the labelled set to the pool; zeros without one."""
+def _initial_coverage(
+    pool: _Pool, sources: Sequence[tuple[str, torch.Tensor, torch.Tensor | None]]
+) -> torch.Tensor:
+    """(n,) running max of the kernel from the given points to the pool; zeros without any.
+
+    Each source is (name, features, None) for all its rows, or (name, features, idx) for the rows
+    idx. Rows are evaluated in padded batches of exactly R (as candidate rows are), so the
+    coverage -- and hence the picks -- do not depend on block_size or on a memory cap.
+
+    Raises:
+        SparsesegError: a source with non-finite features (named).
+    """
     cov = torch.zeros(pool.n, dtype=pool.z.dtype, device=pool.z.device)
-    if labelled is None:
-        return cov
-    for start in range(0, labelled.shape[0], block_size):
-        blk = kernels.rbf(labelled[start : start + block_size], pool.z, pool.sigma, b_sqnorm=pool.sqnorm)
-        torch.maximum(cov, blk.amax(dim=0), out=cov)
+    for name, src, idx in sources:
+        count = src.shape[0] if idx is None else idx.numel()
+        finite = torch.ones((), dtype=torch.bool, device=pool.z.device)
+        for start in range(0, count, pool.rows):
+            blk, a_sqnorm = pool.source_rows(src, start, min(start + pool.rows, count), idx)
+            finite &= torch.isfinite(a_sqnorm).all()
+            torch.maximum(cov, blk.amax(dim=0), out=cov)
+        if not bool(finite):  # one synchronisation per source
+            raise _not_finite(name)
     return cov
 
 
@@ -176,7 +249,7 @@ class _RowCache:
     def rows(self, idx: list[int]) -> torch.Tensor:
         """(R, n) kernel rows for `idx` (len <= R); rows past len(idx) are padding."""
         pool = self.pool
-        hit = [t for t, j in enumerate(idx) if j in self.slot]
+        hit = [t for t, j in enumerate(idx) if j in self.slot] if self.slot else []
         if not hit:
             return pool.kernel_rows(idx)
         assert self.store is not None
@@ -197,6 +270,8 @@ class _RowCache:
 
     def offer(self, idx: list[int], gains: list[float], rows: torch.Tensor, skip: int = -1) -> None:
         """Record fresh bounds (rows[t] is idx[t]'s row); cache rows that beat the worst cached one."""
+        if self.capacity == 0:
+            return
         for t, (j, g) in enumerate(zip(idx, gains, strict=True)):
             if t == skip:
                 continue
@@ -235,6 +310,7 @@ def _lazy(pool: _Pool, k: int, cov: torch.Tensor, cache_rows: int) -> list[int]:
         g = _gains(rows, cov)[: len(idx)].tolist()
         cache.offer(idx, g, rows)
         heap.extend((-gi, j) for gi, j in zip(g, idx, strict=True))
+        del rows  # before the next batch is built: bounds the peak (module docstring, Memory)
     heapq.heapify(heap)
     out: list[int] = []
     while len(out) < k:
@@ -256,6 +332,7 @@ def _lazy(pool: _Pool, k: int, cov: torch.Tensor, cache_rows: int) -> list[int]:
         for t, key in enumerate(keys):
             if not (picked and t == best):
                 heapq.heappush(heap, key)
+        del rows
     return out
 
 
@@ -288,6 +365,143 @@ def _stochastic(
 
 
 # ----------------------------------------------------------------------------------------------
+# memory plan
+
+
+@dataclass(frozen=True)
+class HerdingPlan:
+    """How `max_herding` lays out one call: shards, their budgets, the row-cache capacity.
+
+    Attributes:
+        shards: [start, stop) row ranges of z, herded in this order. One range: the exact greedy.
+        budgets: picks per shard (summing to k), proportional to the shard sizes.
+        cache_rows: "lazy" row-cache capacity (kernel rows of n values each; 0: no cache).
+        peak_bytes: estimated peak of the tensors the call allocates, inputs not counted. Under a
+            cap it is at most the cap. Host-side bookkeeping (the lazy heap: about 100 bytes of
+            Python objects per pool point) is not included.
+    """
+
+    shards: tuple[tuple[int, int], ...]
+    budgets: tuple[int, ...]
+    cache_rows: int
+    peak_bytes: int
+
+    @property
+    def exact(self) -> bool:
+        """True when the pool is herded as a whole (no sharding approximation)."""
+        return len(self.shards) == 1
+
+
+def _estimate_bytes(method: str, n: int, d: int, k: int, rows: int, cache: int, itemsize: int, convert: int) -> int:
+    """Upper estimate of the peak bytes `max_herding` allocates for a pool (or shard) of n points.
+
+    Every term is a tensor the code below allocates (checked against a per-allocation tracker in
+    the tests): a float32 copy of a half-precision pool (`convert` bytes per element), the (n,)
+    squared norms and coverage, then the largest of three phases -- the finiteness check of the
+    norms, the coverage from labelled points and earlier picks (R gathered and converted source
+    rows, an (R, n) kernel block and its (n,) max), and the optimiser itself.
+    """
+    e, r = itemsize, rows
+    resident = n * d * convert + 2 * n * e + 8 * k
+    small = 64 * 8 * r + 4096  # index tensors, per-batch gains and norms, flags
+    norms = n * (e + 3)  # the finiteness check of the squared norms: |x| and three masks
+    init = 2 * r * d * e + (r * n + n) * e  # gathered and converted source rows, kernel block, max
+    if method == "lazy":
+        # cache (+ float64 bounds), then at most 3 (R, n) blocks at once (a partly cached batch:
+        # fresh rows, the assembled batch, the gathered cached rows) and one R x D gather.
+        run = cache * (n * e + 8) + (3 * r * n + r * d) * e
+    elif method == "stochastic":
+        # availability mask, nonzero/randperm/gather/sort index tensors, (R, n) rows and gains,
+        # the best row so far (two while it is replaced).
+        run = 49 * n + (2 * r * n + r * d + 2 * n) * e
+    else:  # naive: the whole padded kernel, the concatenated gains
+        n_pad = -(-n // r) * r
+        run = (n_pad * n + 3 * n_pad + r * n + r * d) * e + 9 * n
+    return resident + small + max(norms, init, run)
+
+
+def _apportion(k: int, sizes: Sequence[int]) -> list[int]:
+    """Largest-remainder split of k picks proportionally to `sizes` (ties: lowest index first)."""
+    n = sum(sizes)
+    base = [k * size // n for size in sizes]
+    order = sorted(range(len(sizes)), key=lambda i: (-(k * sizes[i] % n), i))
+    for i in order[: k - sum(base)]:
+        base[i] += 1
+    return base
+
+
+def herding_plan(
+    n: int,
+    d: int,
+    k: int,
+    *,
+    method: str = "lazy",
+    block_size: int = 4096,
+    max_memory_gb: float | None = None,
+    itemsize: int = 4,
+    convert: int = 0,
+) -> HerdingPlan:
+    """The layout `max_herding` uses for an (n, D) pool and k picks (see the module docstring).
+
+    Without a cap: one shard, a row cache of min(block_size, n) rows. With a cap: the largest
+    pool that fits the running state with no cache sets the shard size (one shard when the whole
+    pool fits); the cache then takes whatever the cap leaves over, up to the shard size.
+
+    Args:
+        n, d, k: pool size, feature dimension, picks.
+        method: "naive", "lazy" or "stochastic" ("naive" is never sharded: it needs the n x n
+            kernel, and a cap it cannot meet is an error).
+        block_size: as in `max_herding` (R = min(block_size, EVAL_ROWS) rows per kernel call).
+        max_memory_gb: cap on the bytes the call allocates, in GB (2^30 bytes); None: no cap.
+        itemsize: bytes per value of the computation (4: float32, 8: float64).
+        convert: extra bytes per pool value for a working copy (4 when the pool is half precision).
+
+    Raises:
+        SparsesegError: a cap too small for even one candidate, or a cap "naive" cannot meet.
+    """
+    rows = min(block_size, EVAL_ROWS)
+    if max_memory_gb is None:
+        cache = min(block_size, n) if method == "lazy" else 0
+        return HerdingPlan(((0, n),), (k,), cache, _estimate_bytes(method, n, d, k, rows, cache, itemsize, convert))
+    cap = float(max_memory_gb)
+    if not math.isfinite(cap) or cap <= 0:
+        raise SparsesegError(f"max_memory_gb={max_memory_gb!r}; expected a positive number of GB")
+    cap_bytes = int(cap * GB * 0.99)  # 1% left for allocator rounding (CUDA: 512-byte blocks)
+
+    def need(size: int, cache: int = 0) -> int:
+        return _estimate_bytes(method, size, d, k, rows, cache, itemsize, convert)
+
+    if method == "naive":
+        if need(n) > cap_bytes:
+            raise SparsesegError(
+                f"method='naive' holds the whole {n} x {n} kernel: about {need(n) / GB:.3g} GB > "
+                f"max_memory_gb={max_memory_gb}; use method='lazy' (the same picks) or raise the cap"
+            )
+        return HerdingPlan(((0, n),), (k,), 0, need(n))
+    if need(1) > cap_bytes:
+        raise SparsesegError(
+            f"max_memory_gb={max_memory_gb} is too small for MaxHerding at D={d}: even one candidate "
+            f"needs about {need(1) / GB:.3g} GB; raise the cap"
+        )
+    # Largest shard whose running state fits (need() grows with the size).
+    lo, hi = 1, n
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if need(mid) <= cap_bytes else (lo, mid - 1)
+    count = -(-n // lo)
+    bounds = [i * n // count for i in range(count + 1)]
+    shards = tuple(zip(bounds[:-1], bounds[1:], strict=True))
+    largest = max(stop - start for start, stop in shards)
+    cache = 0
+    if method == "lazy":
+        per_row = largest * itemsize + 8
+        # need(largest, cache) <= need(largest) + cache * per_row <= cap.
+        cache = min(largest, max(0, (cap_bytes - need(largest)) // per_row))
+    budgets = _apportion(k, [stop - start for start, stop in shards])
+    return HerdingPlan(shards, tuple(budgets), cache, need(largest, cache))
+
+
+# ----------------------------------------------------------------------------------------------
 # public API
 
 
@@ -300,6 +514,7 @@ def max_herding(
     block_size: int = 4096,
     generator: torch.Generator | None = None,
     epsilon: float = 0.01,
+    max_memory_gb: float | None = None,
 ) -> torch.Tensor:
     """Greedily pick k pool points that maximise generalised coverage C (MaxHerding).
 
@@ -315,15 +530,18 @@ def max_herding(
             monotone submodular. Returns exactly the naive picks (same tie-break, bit-identical
             gains: see the module docstring). Never materialises the (n, n) kernel: kernel rows
             are computed from the features for R = min(block_size, EVAL_ROWS) candidates at a
-            time, and the rows of the (at most block_size) candidates with the highest current
-            bounds are cached, since lazy greedy refreshes those again and again. Peak extra
-            memory is O(n·block_size): the (block_size, n) row cache, a few (R, n) blocks, the
-            (n,) coverage and norms, an n-entry heap (with `labelled`, blocks of block_size
-            labelled rows x n while initialising the coverage, before the cache exists).
+            time, and the rows of the candidates with the highest current bounds are cached
+            (at most block_size of them; with a cap, as many as fit), since lazy greedy refreshes
+            those again and again. Peak extra memory: the row cache, three (R, n) blocks, the (n,)
+            coverage and norms, an n-entry heap on the host.
         "stochastic": stochastic greedy (Mirzasoleiman et al. 2015). Each step evaluates a
             uniformly random subset of ceil((n/k)·log(1/epsilon)) not-yet-picked candidates,
             drawn with `generator`: (1 - 1/e - epsilon) approximation in expectation,
-            O(n²·log(1/epsilon)·D) work in total whatever k is. Memory as "lazy".
+            O(n²·log(1/epsilon)·D) work in total whatever k is. Memory as "lazy" without cache.
+
+    Memory cap: with `max_memory_gb`, the tensors this call allocates stay below the cap (see
+    `herding_plan`). The picks stay exactly those of the uncapped call while the running state
+    fits; below that the pool is sharded, an approximation described in the module docstring.
 
     Args:
         z: (n, D) floating candidate features (the pool). float16/bfloat16 are computed in float32.
@@ -332,21 +550,23 @@ def max_herding(
         labelled: optional (m, D) features of already-labelled points: they count as covering
             the pool from the start and cannot be picked.
         method: "naive", "lazy" or "stochastic".
-        block_size: memory knob: at most about block_size kernel rows (each of n values) are
-            held at once ("lazy": row cache; labelled initialisation; never more than EVAL_ROWS
-            candidates per kernel call).
+        block_size: speed/memory knob without a cap: the lazy row cache holds at most block_size
+            rows; never more than EVAL_ROWS rows per kernel call.
         generator: torch.Generator for "stochastic" (CPU or on z's device); ignored otherwise.
         epsilon: stochastic-greedy accuracy parameter in (0, 1); ignored otherwise.
+        max_memory_gb: cap, in GB (2^30 bytes), on the tensors allocated on z's device beyond the
+            inputs; None: no cap ("naive" raises when its n x n kernel would not fit).
 
     Returns:
-        (k,) int64 tensor on z's device: indices into z in pick order.
+        (k,) int64 tensor on z's device: indices into z in pick order (shard by shard when
+        sharded).
 
     Raises:
         SparsesegError: bad arguments, e.g. k larger than the pool, non-finite features,
-            mismatched feature dimensions, unknown method.
+            mismatched feature dimensions, unknown method, a cap too small.
     """
     z = _check_features(z, "z")
-    n = z.shape[0]
+    n, d = z.shape
     k = _check_int(k, "k", 0)
     if k > n:
         raise SparsesegError(f"budget k={k} larger than the pool of n={n} candidates")
@@ -360,15 +580,32 @@ def max_herding(
     if k == 0:
         return torch.empty(0, dtype=torch.long, device=z.device)
 
-    pool = _Pool(z, s, min(block_size, EVAL_ROWS))
+    dtype = _work_dtype(z)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    plan = herding_plan(n, d, k, method=method, block_size=block_size, max_memory_gb=max_memory_gb,
+                        itemsize=itemsize, convert=itemsize if dtype != z.dtype else 0)
+    rows = min(block_size, EVAL_ROWS)
+    picks: list[int] = []
     with torch.no_grad():
-        cov = _initial_coverage(pool, labelled, block_size)
-        if method == "naive":
-            picks = _naive(pool, k, cov)
-        elif method == "lazy":
-            picks = _lazy(pool, k, cov, block_size)
-        else:
-            picks = _stochastic(pool, k, cov, float(epsilon), generator)
+        for (start, stop), budget in zip(plan.shards, plan.budgets, strict=True):
+            if budget == 0:
+                continue
+            pool = _Pool(z[start:stop].to(dtype), s, rows)  # a view unless converted
+            # Conditioned on every labelled point and every pick of the earlier shards.
+            sources: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []
+            if labelled is not None:
+                sources.append(("labelled", labelled, None))
+            if picks:
+                sources.append(("z", z, torch.tensor(picks, dtype=torch.long, device=z.device)))
+            cov = _initial_coverage(pool, sources)
+            if method == "naive":
+                local = _naive(pool, budget, cov)
+            elif method == "lazy":
+                local = _lazy(pool, budget, cov, plan.cache_rows)
+            else:
+                local = _stochastic(pool, budget, cov, float(epsilon), generator)
+            picks.extend(start + j for j in local)
+            del pool, cov, sources
     return torch.tensor(picks, dtype=torch.long, device=z.device)
 
 
@@ -409,11 +646,12 @@ def coverage(
         raise SparsesegError(
             f"picked_idx has values in [{int(idx.min())}, {int(idx.max())}]; expected indices in [0, {n - 1}]"
         )
-    pool = _Pool(z, s, block_size)
+    sources: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []
+    if labelled is not None:
+        sources.append(("labelled", labelled, None))
+    if idx.numel():
+        sources.append(("z", z, idx))
     with torch.no_grad():
-        cov = _initial_coverage(pool, labelled, block_size)
-        for start in range(0, idx.numel(), block_size):
-            chunk = idx[start : start + block_size]
-            blk = kernels.rbf(z[chunk], z, s, a_sqnorm=pool.sqnorm[chunk], b_sqnorm=pool.sqnorm)
-            torch.maximum(cov, blk.amax(dim=0), out=cov)
-        return float(cov.double().mean())
+        longest = max([1] + [src.shape[0] if i is None else i.numel() for _, src, i in sources])
+        pool = _Pool(z.to(_work_dtype(z)), s, min(block_size, longest))
+        return float(_initial_coverage(pool, sources).double().mean())

@@ -12,6 +12,15 @@ Two-stage selection at round r (paper, Algorithm 1):
      labelled pixel counted as covered;
   3. score the pool by the uncertainty (eDALD by default) and take the top b.
 Round 1 has no head, so it takes b pixels by the global MaxHerding alone.
+
+Core-set (k-center greedy) can replace MaxHerding in both stages. Single-stage uncertainty ("UC
+only") scores every unlabelled pixel of every image, streaming image by image and keeping only the
+best b, and takes a random round 1 (there is no head to score with). Names:
+
+    random | max_herding | coreset | <score> | two_stage_<score> | coreset_<score>
+
+with <score> one of `scores.SCORES`. `strategy.switch_after` + `strategy.then` switch to another
+strategy after a given round (the paper's two-stage eDALD for rounds 1-10, then Margin).
 """
 
 from __future__ import annotations
@@ -25,12 +34,20 @@ from torch import nn
 
 from sparseseg.config import StrategyConfig
 from sparseseg.errors import SparsesegError
-from sparseseg.features.store import DETERMINISTIC, FeatureStore
-from sparseseg.head.mlp import predict_proba
+from sparseseg.features.store import DETERMINISTIC, FeatureStore, sample_maps
 from sparseseg.labels import PixelLabels
-from sparseseg.selection import uncertainty
+from sparseseg.selection.coreset import k_center_greedy
 from sparseseg.selection.kernels import median_bandwidth
 from sparseseg.selection.max_herding import max_herding
+from sparseseg.selection.rules import TopK, power_keys, top_fraction_count
+from sparseseg.selection.scores import (
+    SCORES,
+    check_score,
+    dropout_seed,
+    is_diffusion,
+    sample_source,
+    score_features,
+)
 
 Progress = Callable[[str, int, int], None]
 
@@ -63,30 +80,14 @@ class RoundContext:
     seed: int
     noise_samples: int
     progress: Progress | None = None
-
-
-def _score(name: str, ctx: RoundContext, image: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Uncertainty of pixels under the current head; higher = more informative."""
-    assert ctx.head is not None
-
-    def probs(sample: int) -> torch.Tensor:
-        tick = None
-        if ctx.progress is not None:
-            tick = lambda done, total: ctx.progress(f"noise sample {sample}", done, total)  # noqa: E731
-        return predict_proba(ctx.head, ctx.store.at_pixels(image, y, x, sample, progress=tick))
-
-    if name in ("entropy", "margin", "least_confidence"):
-        return getattr(uncertainty, name)(probs(DETERMINISTIC)[None])
-    samples = torch.stack([probs(s) for s in range(1, ctx.noise_samples + 1)])
-    if name == "dald":
-        return uncertainty.mutual_information(samples)
-    if name == "edald":
-        return uncertainty.edald(samples, probs(ctx.noise_samples + 1))
-    raise SparsesegError(f"unknown uncertainty score {name!r}")
+    tile_pixels: int = 16384  # pixels per tile when a strategy scores whole images
 
 
 class Strategy:
     """Base class: holds its config and whatever it caches across rounds."""
+
+    #: uncertainty scores this strategy computes (checked against backbone and head up front)
+    scores: tuple[str, ...] = ()
 
     def __init__(self, config: StrategyConfig) -> None:
         self.config = config
@@ -100,39 +101,86 @@ class Strategy:
             raise SparsesegError(f"budget {budget} is larger than the {num_images * size * size} pixels of the images")
 
 
+def check_strategy(strategy: Strategy, backbone, head_dropout: float) -> None:
+    """Fail before any work when a strategy's scores cannot be computed with this backbone and head."""
+    for name in strategy.scores:
+        check_score(name, is_diffusion(backbone), head_dropout)
+
+
+def _random_picks(ctx: RoundContext, purpose: str = "random") -> Picks:
+    """b pixels uniformly over every unlabelled pixel of every training image."""
+    n, s = len(ctx.store), ctx.store.size
+    gen = derived_generator(ctx.seed, purpose, ctx.round)
+    taken = set(ctx.labels.flat_index(s).tolist())
+    if n * s * s - len(taken) < ctx.budget:
+        raise SparsesegError(f"budget {ctx.budget} is larger than the {n * s * s - len(taken)} unlabelled pixels")
+    chosen: list[int] = []
+    while len(chosen) < ctx.budget:  # rejection sampling: labelled pixels are a vanishing fraction
+        for flat in torch.randint(n * s * s, (2 * ctx.budget,), generator=gen).tolist():
+            if flat not in taken:
+                taken.add(flat)
+                chosen.append(flat)
+                if len(chosen) == ctx.budget:
+                    break
+    flat_t = torch.tensor(chosen)
+    return Picks(flat_t // (s * s), (flat_t % (s * s)) // s, flat_t % s)
+
+
 class RandomStrategy(Strategy):
     """Uniform over every unlabelled pixel of every training image."""
 
     def select(self, ctx: RoundContext) -> Picks:
-        n, s = len(ctx.store), ctx.store.size
-        gen = derived_generator(ctx.seed, "random", ctx.round)
-        taken = set(ctx.labels.flat_index(s).tolist())
-        if n * s * s - len(taken) < ctx.budget:
-            raise SparsesegError(f"budget {ctx.budget} is larger than the {n * s * s - len(taken)} unlabelled pixels")
-        chosen: list[int] = []
-        while len(chosen) < ctx.budget:  # rejection sampling: labelled pixels are a vanishing fraction
-            for flat in torch.randint(n * s * s, (2 * ctx.budget,), generator=gen).tolist():
-                if flat not in taken:
-                    taken.add(flat)
-                    chosen.append(flat)
-                    if len(chosen) == ctx.budget:
-                        break
-        flat_t = torch.tensor(chosen)
-        return Picks(flat_t // (s * s), (flat_t % (s * s)) // s, flat_t % s)
+        return _random_picks(ctx)
+
+
+class _Chooser:
+    """The selection rule of a score: top-b, power sampling or PixelPick, fed chunk by chunk.
+
+    Keys are the scores (top-b), or Gumbel-perturbed powered log-scores (power sampling); with
+    `top_fraction` the best fraction of all `total` candidates is kept, then b drawn uniformly.
+    """
+
+    def __init__(self, config: StrategyConfig, score: str, ctx: RoundContext, total: int) -> None:
+        self.power = SCORES[score].power
+        self.power_exponent = config.power
+        self.fraction = config.top_fraction
+        self.budget = ctx.budget
+        self.gen = derived_generator(ctx.seed, "rule", ctx.round)
+        keep = top_fraction_count(total, self.fraction, ctx.budget) if self.fraction else ctx.budget
+        self.top = TopK(keep)
+        self.score_sum, self.count = 0.0, 0
+
+    def push(self, scores: torch.Tensor, items: torch.Tensor) -> None:
+        self.score_sum += float(scores.double().sum())
+        self.count += len(scores)
+        keys = power_keys(scores, self.power_exponent, self.gen) if self.power else scores
+        self.top.push(keys, items)
+
+    def result(self) -> tuple[torch.Tensor, dict]:
+        """(b, P) chosen items and what to log."""
+        _, items = self.top.result()
+        info = {"scored": self.count, "score_mean": self.score_sum / max(self.count, 1)}
+        if self.fraction:
+            info["top_fraction_kept"] = len(items)
+            items = items[torch.randperm(len(items), generator=self.gen)[: self.budget]]
+        return items, info
 
 
 class TwoStageStrategy(Strategy):
-    """Local then global MaxHerding, then an uncertainty score over the pool (or coverage alone).
+    """Local then global coverage (MaxHerding or Core-set), then an uncertainty score over the pool.
 
     Args:
         config: strategy settings.
-        score: uncertainty used in stage 2 ("edald", "dald", "entropy", "margin",
-            "least_confidence"), or None for MaxHerding alone (global herding straight to b).
+        score: uncertainty used in stage 2 (a key of `scores.SCORES`), or None for coverage alone
+            (the global stage goes straight to b).
+        coverage: "max_herding" or "coreset" (k-center greedy), used in both coverage stages.
     """
 
-    def __init__(self, config: StrategyConfig, score: str | None) -> None:
+    def __init__(self, config: StrategyConfig, score: str | None, coverage: str = "max_herding") -> None:
         super().__init__(config)
         self.score = score
+        self.coverage = coverage
+        self.scores = (score,) if score else ()
         # local picks depend only on (image, its labelled pixels): cache them across rounds
         self._local: dict[int, tuple[frozenset[int], torch.Tensor]] = {}
 
@@ -159,6 +207,17 @@ class TwoStageStrategy(Strategy):
             flat = flat[~torch.isin(flat, torch.tensor(sorted(taken)))]
         return flat
 
+    def _cover(self, z: torch.Tensor, k: int, covered: torch.Tensor | None, sigma_gen: torch.Generator,
+               gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """k picks by the configured coverage objective, `covered` counting as already picked."""
+        if self.coverage == "coreset":
+            return k_center_greedy(z, k, labelled=covered, generator=gen,
+                                   max_memory_gb=self.config.max_memory_gb), {}
+        sigma = median_bandwidth(z, fraction=self.config.bandwidth_fraction, generator=sigma_gen)
+        picked = max_herding(z, k, sigma, labelled=covered, method=self.config.herding, generator=gen,
+                             max_memory_gb=self.config.max_memory_gb)
+        return picked, {"sigma": float(sigma)}
+
     def _local_picks(self, ctx: RoundContext) -> torch.Tensor:
         """Stage 1a: K pixels per image (flat indices, (N, K) padded with -1 where fewer)."""
         s, k = ctx.store.size, self.config.k_per_image
@@ -172,21 +231,18 @@ class TwoStageStrategy(Strategy):
                 cand = self._candidates(ctx, image, set(key))
                 ids = torch.full_like(cand, image)
                 z = ctx.store.at_pixels(ids, cand // s, cand % s)
-                sigma = median_bandwidth(
-                    z, fraction=self.config.bandwidth_fraction, generator=derived_generator(ctx.seed, "sigma", image)
-                )
                 covered = None
                 if len(labelled):
                     li = torch.full_like(labelled, image)
                     covered = ctx.store.at_pixels(li, labelled // s, labelled % s)
                 # seeded by the image's labels, not the round: a cached result equals a recomputed one
-                picked = max_herding(z, min(k, len(cand)), sigma, labelled=covered, method=self.config.herding,
-                                     generator=derived_generator(ctx.seed, "local", image, *sorted(key)))
+                picked, _ = self._cover(z, min(k, len(cand)), covered, derived_generator(ctx.seed, "sigma", image),
+                                        derived_generator(ctx.seed, "local", image, *sorted(key)))
                 self._local[image] = (key, cand[picked])
             picks = self._local[image][1]
             out[image, : len(picks)] = picks
             if ctx.progress is not None:
-                ctx.progress("local herding", image + 1, len(ctx.store))
+                ctx.progress("local coverage", image + 1, len(ctx.store))
         return out
 
     def select(self, ctx: RoundContext) -> Picks:
@@ -205,46 +261,144 @@ class TwoStageStrategy(Strategy):
             )
         if keep > len(flat):
             raise SparsesegError(f"budget {keep} is larger than the {len(flat)} local picks: raise k_per_image")
-        # Stage 1b: global MaxHerding, every labelled pixel counts as covered.
+        # Stage 1b: global coverage, every labelled pixel counts as covered.
         z = ctx.store.at_pixels(image, y, x)
-        sigma = median_bandwidth(z, fraction=self.config.bandwidth_fraction,
-                                 generator=derived_generator(ctx.seed, "sigma-global", ctx.round))
         covered = None
         if len(ctx.labels):
             covered = ctx.store.at_pixels(ctx.labels.image, ctx.labels.y, ctx.labels.x)
         if ctx.progress is not None:
-            ctx.progress("global herding", 0, 1)
-        pool = max_herding(z, keep, sigma, labelled=covered, method=self.config.herding,
-                           generator=derived_generator(ctx.seed, "global", ctx.round))
+            ctx.progress("global coverage", 0, 1)
+        pool, info = self._cover(z, keep, covered, derived_generator(ctx.seed, "sigma-global", ctx.round),
+                                 derived_generator(ctx.seed, "global", ctx.round))
         if ctx.progress is not None:
-            ctx.progress("global herding", 1, 1)
-        info = {"local_pool": len(flat), "pool": len(pool), "sigma": float(sigma)}
+            ctx.progress("global coverage", 1, 1)
+        info = {"local_pool": len(flat), "pool": len(pool), **info}
         if first_round or self.score is None:
             return Picks(image[pool], y[pool], x[pool], info)
-        # Stage 2: uncertainty over the pool, top b (stable sort: ties keep the herding order).
-        # Every local pick is scored, not just the pool: the noisy-sample features of an image's
-        # local picks are then remembered as one request, and a later round asks the UNet again
-        # only for images whose local picks changed (those that got labels).
-        scores = _score(self.score, ctx, image, y, x)[pool]
-        top = pool[torch.argsort(scores, descending=True, stable=True)[: ctx.budget]]
-        info["score_mean_pool"] = float(scores.mean())
-        info["score_mean_picked"] = float(scores.sort(descending=True).values[: ctx.budget].mean())
+        # Stage 2: uncertainty over the pool, then the score's rule (top-b: ties keep the coverage
+        # order). Every local pick is scored, not just the pool: the noisy-sample features of an
+        # image's local picks are then remembered as one request, and a later round asks the UNet
+        # again only for images whose local picks changed (those that got labels).
+        def features_of(sample: int) -> torch.Tensor:
+            tick = None
+            if ctx.progress is not None:
+                tick = lambda done, total: ctx.progress(f"noise sample {sample}", done, total)  # noqa: E731
+            return ctx.store.at_pixels(image, y, x, sample, progress=tick)
+
+        scores = score_features(self.score, ctx.head, features_of, ctx.noise_samples, is_diffusion(ctx.store.backbone),
+                                dropout_seed(ctx.seed, ctx.round, "pool"))[pool]
+        chooser = _Chooser(self.config, self.score, ctx, len(pool))
+        chooser.push(scores, torch.arange(len(pool))[:, None])
+        chosen, rule_info = chooser.result()
+        top = pool[chosen[:, 0]]
+        info["score_mean_pool"] = rule_info["score_mean"]
+        info["score_mean_picked"] = float(scores[chosen[:, 0]].double().mean())
         return Picks(image[top], y[top], x[top], info)
 
 
-STRATEGIES: dict[str, Callable[[StrategyConfig], Strategy]] = {
-    "random": RandomStrategy,
-    "max_herding": lambda cfg: TwoStageStrategy(cfg, None),
-    "two_stage_edald": lambda cfg: TwoStageStrategy(cfg, "edald"),
-    "two_stage_dald": lambda cfg: TwoStageStrategy(cfg, "dald"),
-    "two_stage_entropy": lambda cfg: TwoStageStrategy(cfg, "entropy"),
-    "two_stage_margin": lambda cfg: TwoStageStrategy(cfg, "margin"),
-}
+class UncertaintyStrategy(Strategy):
+    """Single-stage uncertainty ("UC only"): score every unlabelled pixel of every image.
+
+    Images are visited in order, `backbone.batch_size` at a time; each image's maps are read once
+    per noise sample and its pixels scored in tiles of `features.tile_pixels`, keeping only the
+    best candidates (`rules.TopK`), so memory stays at one batch of maps plus one tile of
+    features. `strategy.pixels_per_image` scores a seeded subsample of each image instead.
+    Round 1 has no head and takes a uniform random draw.
+    """
+
+    def __init__(self, config: StrategyConfig, score: str) -> None:
+        super().__init__(config)
+        self.score = score
+        self.scores = (score,)
+
+    def _pixels(self, ctx: RoundContext, image: int, labelled: torch.Tensor) -> torch.Tensor:
+        s = ctx.store.size
+        if self.config.pixels_per_image is None:
+            flat = torch.arange(s * s)
+        else:
+            gen = derived_generator(ctx.seed, "uc-pixels", image)
+            flat = torch.randperm(s * s, generator=gen)[: self.config.pixels_per_image].sort().values
+        if len(labelled):
+            flat = flat[~torch.isin(flat, labelled)]
+        return flat
+
+    def select(self, ctx: RoundContext) -> Picks:
+        if ctx.head is None:
+            picks = _random_picks(ctx, "uc-first-round")
+            picks.info["first_round"] = "random"
+            return picks
+        store, s = ctx.store, ctx.store.size
+        n = len(store)
+        by_image = ctx.labels.pixels_of(s)
+        per_image = s * s if self.config.pixels_per_image is None else min(self.config.pixels_per_image, s * s)
+        chooser = _Chooser(self.config, self.score, ctx, n * per_image - len(ctx.labels))
+        diffusion = is_diffusion(store.backbone)
+        source = sample_source(self.score, diffusion)
+        spec = SCORES[self.score]
+        samples = [DETERMINISTIC] if source != "noise" else list(range(1, ctx.noise_samples + 1 + spec.extra))
+        for start in range(0, n, store.batch_size):
+            group = list(range(start, min(start + store.batch_size, n)))
+            maps = store.maps([(i, smp) for i in group for smp in samples])
+            for j, image in enumerate(group):
+                ready = {smp: store.ready(maps[j * len(samples) + k]) for k, smp in enumerate(samples)}
+                flat = self._pixels(ctx, image, by_image.get(image, torch.empty(0, dtype=torch.long)))
+                for t, chunk in enumerate(torch.split(flat, ctx.tile_pixels)):
+                    ys, xs = chunk // s, chunk % s
+                    scores = score_features(self.score, ctx.head,
+                                            lambda smp, ys=ys, xs=xs, ready=ready: sample_maps(ready[smp], ys, xs, s),
+                                            ctx.noise_samples, diffusion, dropout_seed(ctx.seed, ctx.round, image, t))
+                    chooser.push(scores, torch.stack([torch.full_like(ys, image), ys, xs], dim=1))
+            if ctx.progress is not None:
+                ctx.progress(f"scoring ({self.score})", group[-1] + 1, n)
+        items, info = chooser.result()
+        return Picks(items[:, 0], items[:, 1], items[:, 2], info)
+
+
+class ScheduledStrategy(Strategy):
+    """One strategy for rounds 1..switch_after, another after (paper: two-stage eDALD, then Margin)."""
+
+    def __init__(self, config: StrategyConfig, first: Strategy, then: Strategy) -> None:
+        super().__init__(config)
+        self.first, self.then = first, then
+        self.scores = tuple(dict.fromkeys(first.scores + then.scores))
+
+    def check_budget(self, num_images: int, size: int, budget: int) -> None:
+        self.first.check_budget(num_images, size, budget)
+        self.then.check_budget(num_images, size, budget)
+
+    def select(self, ctx: RoundContext) -> Picks:
+        active = self.first if ctx.round <= self.config.switch_after else self.then
+        picks = active.select(ctx)
+        picks.info["strategy"] = self.config.name if active is self.first else self.config.then
+        return picks
+
+
+def _registry() -> dict[str, Callable[[StrategyConfig], Strategy]]:
+    names: dict[str, Callable[[StrategyConfig], Strategy]] = {
+        "random": RandomStrategy,
+        "max_herding": lambda cfg: TwoStageStrategy(cfg, None),
+        "coreset": lambda cfg: TwoStageStrategy(cfg, None, "coreset"),
+    }
+    for score in SCORES:
+        names[score] = lambda cfg, score=score: UncertaintyStrategy(cfg, score)
+        names[f"two_stage_{score}"] = lambda cfg, score=score: TwoStageStrategy(cfg, score)
+        names[f"coreset_{score}"] = lambda cfg, score=score: TwoStageStrategy(cfg, score, "coreset")
+    return names
+
+
+STRATEGIES: dict[str, Callable[[StrategyConfig], Strategy]] = _registry()
+
+
+def _build(name: str, config: StrategyConfig) -> Strategy:
+    try:
+        return STRATEGIES[name](config)
+    except KeyError:
+        raise SparsesegError(f"strategy.name={name!r} is not known; choose one of {sorted(STRATEGIES)}") from None
 
 
 def create_strategy(config: StrategyConfig) -> Strategy:
-    """Build the strategy a config names; unknown names list the valid ones."""
-    try:
-        return STRATEGIES[config.name](config)
-    except KeyError:
-        raise SparsesegError(f"strategy.name={config.name!r} is not known; choose one of {sorted(STRATEGIES)}") from None
+    """Build the strategy a config names (with its schedule); unknown names list the valid ones."""
+    strategy = _build(config.name, config)
+    if config.then is None:
+        return strategy
+    return ScheduledStrategy(config, strategy, _build(config.then, config))

@@ -14,7 +14,7 @@ import torch
 
 from sparseseg.errors import SparsesegError
 
-__all__ = ["entropy", "margin", "least_confidence", "mutual_information", "edald"]
+__all__ = ["entropy", "margin", "least_confidence", "mutual_information", "edald", "balanced_entropy", "balentacq"]
 
 #: Allowed deviation of a probability row's sum from 1.
 SUM_TOLERANCE = 1e-3
@@ -159,3 +159,61 @@ def edald(probs: torch.Tensor, probs_z0: torch.Tensor) -> torch.Tensor:
             f"(1, {p.shape[1]}, {p.shape[2]}) to match probs {tuple(p.shape)}"
         )
     return _mutual_information(p) + _entropy_last(q[0].to(device=p.device, dtype=p.dtype))
+
+
+def _beta_entropy(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Differential entropy of Beta(a, b) (always <= 0, 0 only for the uniform Beta(1, 1))."""
+    log_beta = torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b)
+    return (log_beta - (a - 1) * torch.digamma(a) - (b - 1) * torch.digamma(b)
+            + (a + b - 2) * torch.digamma(a + b))
+
+
+#: Smallest variance used when fitting a Beta to a class marginal (identical samples have 0).
+BETA_MIN_VARIANCE = 1e-9
+
+
+def balanced_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """BalEnt (Woo, ICLR 2023): (MJEnt + log 2) / (H + log 2).
+
+    Each class marginal P_c across the S samples is fitted by a Beta(a_c, b_c) by the method of
+    moments (mean m_c, unbiased variance v_c: a_c = m_c (m_c (1 - m_c) / v_c - 1), b_c = a_c
+    (1 - m_c) / m_c); P_c+ ~ Beta(a_c + 1, b_c) is the marginal given that class c was drawn; the
+    marginalised joint entropy is MJEnt = sum_c m_c h(P_c+) + H, with h the differential entropy
+    and H the predictive entropy H(mean_s p_s). The variance is clamped into
+    [BETA_MIN_VARIANCE, m_c (1 - m_c)) so that identical samples and degenerate rows stay finite.
+
+    Args:
+        probs: (S, N, C) probabilities, S >= 2.
+
+    Returns:
+        (N,) BalEnt values, at most 1.
+    """
+    p = _check_probs(probs).double()
+    if p.shape[0] < 2:
+        raise SparsesegError(f"probs has S={p.shape[0]} samples; balanced entropy needs at least 2")
+    eps = 1e-9
+    m = p.mean(dim=0).clamp(eps, 1 - eps)
+    v = p.var(dim=0, correction=1)
+    v = torch.minimum(v.clamp(min=BETA_MIN_VARIANCE), m * (1 - m) * (1 - 1e-6))
+    a = m * (m * (1 - m) / v - 1)
+    b = a * (1 - m) / m
+    mjent = (m * _beta_entropy(a + 1, b)).sum(dim=-1) + _entropy_last(p.mean(dim=0))
+    h = _entropy_last(p.mean(dim=0))
+    log2 = float(np.log(2.0))
+    return ((mjent + log2) / (h + log2)).to(probs.dtype)
+
+
+def balentacq(probs: torch.Tensor) -> torch.Tensor:
+    """BalEntAcq: 1 / BalEnt where BalEnt >= 0, else BalEnt (higher = more informative).
+
+    Pixels whose balanced entropy is just above 0 come first; negative ones rank below every
+    non-negative one.
+
+    Args:
+        probs: (S, N, C) probabilities, S >= 2.
+
+    Returns:
+        (N,) scores.
+    """
+    bal = balanced_entropy(probs)
+    return torch.where(bal >= 0, 1.0 / bal, bal)

@@ -1,0 +1,123 @@
+"""Uncertainty scores of pixels under the current head, and where their probability samples come from.
+
+| score              | probability samples                              | formula                      |
+| ------------------ | ------------------------------------------------ | ---------------------------- |
+| entropy, margin,   | one deterministic pass (noise sample 0)          | `uncertainty.<name>`         |
+| least_confidence   |                                                  |                              |
+| bald               | S MC-dropout passes of the head on sample 0      | mutual information           |
+| ebald              | S MC-dropout passes + 1 independent pass         | MI + entropy of the extra    |
+| dald               | S diffusion noise samples (1..S)                 | mutual information (Eq. 5-7) |
+| edald              | S noise samples + the independent z(0) (S+1)     | MI + entropy of z(0) (Eq. 8) |
+| power_bald/_dald   | as bald/dald                                     | power sampling, see `rules`  |
+| balentacq          | noise samples on a diffusion backbone, else      | `uncertainty.balentacq`      |
+|                    | MC-dropout passes                                |                              |
+
+S is `features.noise_samples`. MC-dropout passes need a head trained with `head.dropout > 0`;
+noise samples need a diffusion backbone (one whose maps carry a timestep).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sparseseg.errors import SparsesegError
+from sparseseg.features.store import DETERMINISTIC
+from sparseseg.head.mlp import has_dropout, mc_dropout_proba, predict_proba
+from sparseseg.selection import uncertainty
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    """How a score is computed: its sample source, its formula and its selection rule."""
+
+    source: str  # "single", "dropout", "noise" or "bayes" (noise on diffusion backbones, else dropout)
+    formula: str  # a function of `uncertainty`
+    extra: bool = False  # needs one independent extra sample (eBALD / eDALD)
+    power: bool = False  # select by power sampling instead of top-b
+
+
+SCORES: dict[str, ScoreSpec] = {
+    "entropy": ScoreSpec("single", "entropy"),
+    "margin": ScoreSpec("single", "margin"),
+    "least_confidence": ScoreSpec("single", "least_confidence"),
+    "bald": ScoreSpec("dropout", "mutual_information"),
+    "ebald": ScoreSpec("dropout", "edald", extra=True),
+    "dald": ScoreSpec("noise", "mutual_information"),
+    "edald": ScoreSpec("noise", "edald", extra=True),
+    "power_bald": ScoreSpec("dropout", "mutual_information", power=True),
+    "power_dald": ScoreSpec("noise", "mutual_information", power=True),
+    "balentacq": ScoreSpec("bayes", "balentacq"),
+}
+
+
+def is_diffusion(backbone) -> bool:
+    """A diffusion backbone's maps carry a timestep; noise samples then give different features."""
+    return any(info.timestep >= 0 for info in backbone.feature_info)
+
+
+def sample_source(name: str, diffusion: bool) -> str:
+    """Where the score's samples come from on this backbone: 'single', 'dropout' or 'noise'."""
+    source = SCORES[name].source
+    if source == "bayes":
+        return "noise" if diffusion else "dropout"
+    return source
+
+
+def check_score(name: str, diffusion: bool, head_dropout: float) -> None:
+    """Fail before any work when a score cannot be computed with this backbone and head."""
+    if name not in SCORES:
+        raise SparsesegError(f"unknown uncertainty score {name!r}; choose one of {sorted(SCORES)}")
+    source = sample_source(name, diffusion)
+    if source == "noise" and not diffusion:
+        raise SparsesegError(
+            f"{name} needs diffusion noise samples, and this backbone has no timesteps: "
+            "use the MC-dropout counterpart (bald, ebald, power_bald) with head.dropout > 0"
+        )
+    if source == "dropout" and head_dropout <= 0:
+        raise SparsesegError(f"{name} samples MC dropout from the head: set head.dropout > 0 (for example 0.1)")
+
+
+def dropout_seed(seed: int, *parts: object) -> int:
+    """Seed of one call's MC-dropout masks, from the run seed and what is being scored."""
+    digest = hashlib.sha256("/".join(map(str, ("dropout", seed, *parts))).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def score_features(
+    name: str,
+    head: nn.Module,
+    features_of: Callable[[int], torch.Tensor],
+    samples: int,
+    diffusion: bool,
+    seed: int,
+) -> torch.Tensor:
+    """Scores (n,) of some pixels, higher = more informative.
+
+    Args:
+        name: a key of SCORES.
+        head: the current head.
+        features_of: noise sample index -> (n, D) features of the pixels (sample 0 deterministic).
+        samples: S, the probability samples of MI-type scores.
+        diffusion: whether the backbone's features depend on the noise sample.
+        seed: seeds the MC-dropout masks (derive it from the round and the pixels scored).
+    """
+    spec = SCORES[name]
+    fn = getattr(uncertainty, spec.formula)
+    source = sample_source(name, diffusion)
+    if source == "single":
+        return fn(predict_proba(head, features_of(DETERMINISTIC))[None])
+    count = samples + (1 if spec.extra else 0)
+    if source == "dropout":
+        if not has_dropout(head):
+            raise SparsesegError(f"{name} samples MC dropout from the head: set head.dropout > 0 (for example 0.1)")
+        probs = mc_dropout_proba(head, features_of(DETERMINISTIC), count, seed)
+    else:
+        probs = torch.stack([predict_proba(head, features_of(s)) for s in range(1, count + 1)])
+    if spec.extra:
+        return fn(probs[:samples], probs[samples])
+    return fn(probs)
