@@ -1,0 +1,279 @@
+"""The comparison harness: layout, resume, summary arithmetic, sweeps, the supervised reference,
+failures, and the published figures, on tiny runs of a random ADM over synthetic scenes."""
+
+import csv
+import json
+import statistics
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from sparseseg import paper
+from sparseseg.backbones.adm import ADMFlags, ADMUNet
+from sparseseg.cli import app
+from sparseseg.compare import (
+    Comparison,
+    StrategyResult,
+    compare,
+    parse_sweeps,
+    plan_comparison,
+    reach,
+    render_markdown,
+    rounds_to_reach,
+    table1_gain,
+)
+from sparseseg.config import load_config
+from sparseseg.data.synthetic import make_synthetic
+from sparseseg.errors import SparsesegError
+from sparseseg.labels import IGNORE
+from sparseseg.loop.supervised import read_supervised, sample_dense_pixels, train_supervised
+
+runner = CliRunner()
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A config file over 6 + 2 synthetic images and a random 32-channel ADM: a run takes ~2 s."""
+    root = tmp_path_factory.mktemp("compare")
+    make_synthetic(root / "data", n_train=6, n_test=2, size=SIZE, seed=0)
+    flags = ADMFlags(image_size=256, num_channels=32, num_head_channels=16, learn_sigma=True, resblock_updown=True,
+                     use_scale_shift_norm=True, attention_resolutions="32,16,8")
+    torch.manual_seed(0)
+    torch.save({"sparseseg_adm": 1, "flags": flags.model_dump(), "model": ADMUNet(flags).state_dict(), "ema": None,
+                "input_size": SIZE}, root / "adm.pt")
+    config = root / "tiny.yaml"
+    config.write_text("data: data\nbackbone: {checkpoint: adm.pt}\nrounds: 2\nbudget: 2\npreview_images: 0\n"
+                      "strategy: {candidates_per_image: 48, k_per_image: 5}\nfeatures: {noise_samples: 2}\n"
+                      "head: {epochs: 20}\n")
+    return root, config
+
+
+@pytest.fixture(scope="module")
+def compared(setup):
+    """random and max_herding, seeds 0 and 1, in this process."""
+    root, config = setup
+    out = root / "cmp"
+    return out, compare(config, ["random", "max_herding"], [0, 1], out)
+
+
+def _rounds(path):
+    return [json.loads(line) for line in (path / "rounds.jsonl").read_text().splitlines()]
+
+
+def test_every_strategy_and_seed_is_a_run_directory_and_a_rerun_skips_them(setup, compared):
+    root, config = setup
+    out, result = compared
+    names = ["random_s0", "max_herding_s0", "random_s1", "max_herding_s1"]  # seeds vary slowest
+    assert [o.spec.name for o in result.outcomes] == names
+    assert {o.status for o in result.outcomes} == {"finished"}
+    for name in names:
+        assert [r["round"] for r in _rounds(out / name)] == [1, 2]
+    assert [p.name for p in result.files] == ["summary.md", "summary.csv", "curves.png"]
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+    before = {n: (out / n / "rounds.jsonl").stat().st_mtime_ns for n in names}
+    again = compare(config, ["random", "max_herding"], [0, 1], out)
+    assert {o.status for o in again.outcomes} == {"skipped"}
+    assert before == {n: (out / n / "rounds.jsonl").stat().st_mtime_ns for n in names}
+
+    # a run cut after round 1 resumes, and ends as it did uninterrupted
+    whole = (out / "random_s1" / "rounds.jsonl").read_text()
+    (out / "random_s1" / "rounds.jsonl").write_text(whole.splitlines(keepends=True)[0])
+    resumed = compare(config, ["random", "max_herding"], [0, 1], out)
+    assert [o.status for o in resumed.outcomes] == ["skipped", "skipped", "finished", "skipped"]
+    assert [r["labelled"] for r in _rounds(out / "random_s1")] == [2, 4]
+    assert [r["miou"] for r in _rounds(out / "random_s1")] == [json.loads(line)["miou"] for line in whole.splitlines()]
+
+
+def test_summary_is_the_mean_and_sample_std_of_the_final_rounds(compared):
+    out, _ = compared
+    rows = {r["strategy"]: r for r in csv.DictReader((out / "summary.csv").open())}
+    md = (out / "summary.md").read_text()
+    for strategy in ("random", "max_herding"):
+        finals = [100 * _rounds(out / f"{strategy}_s{s}")[-1]["miou"] for s in (0, 1)]
+        mean, std = np.mean(finals), np.std(finals, ddof=1)
+        seconds = np.mean([sum(p["seconds"] for r in _rounds(out / f"{strategy}_s{s}") for p in r["phases"].values())
+                           for s in (0, 1)])
+        row = rows[strategy]
+        assert float(row["miou_mean"]) == pytest.approx(mean, abs=1e-4)
+        assert float(row["miou_std"]) == pytest.approx(std, abs=1e-4)
+        assert float(row["seconds_per_run"]) == pytest.approx(seconds, abs=0.06)
+        assert (row["n_seeds"], row["seeds"], row["labelled"]) == ("2", "0 1", "4")
+        assert f"| {strategy} | 2 | 4 | {mean:.2f} ± {std:.2f} |" in md
+
+
+def test_table1_gain_reproduces_the_papers_printed_gains():
+    assert table1_gain(20.0, 25.0) == (5.0, 25.0)  # +5 points = +25% of 20
+    for score, ((uc, _), (two, _), pp, pct) in paper.TABLE_1_CAMVID.items():
+        got_pp, got_pct = table1_gain(uc, two)
+        assert round(got_pp, 2) == pytest.approx(pp), score
+        assert round(got_pct, 2) == pytest.approx(pct, abs=0.011), score
+
+
+def _result(strategy, curves, labelled=None, point=()):
+    labelled = labelled or [[2 * (i + 1) for i in range(len(curves[0]))]] * len(curves)
+    return StrategyResult(point, strategy, len(curves[0]), seeds=list(range(len(curves))), curves=curves,
+                          labelled=labelled, seconds=[1.0] * len(curves), pixels_total=800)
+
+
+def test_coverage_first_pairs_are_found_by_name_and_rendered_with_the_paper():
+    results = [_result("edald", [[10, 20], [10, 20]]), _result("two_stage_edald", [[20, 25], [20, 25]]),
+               _result("coreset_edald", [[20, 15], [20, 15]]), _result("random", [[5, 30]])]
+    cmp = Comparison(results, [], "camvid", dataset="camvid")
+    assert [(s, label, a.strategy, b.strategy) for s, label, a, b in cmp.pairs(())] == [
+        ("edald", "Herding → UC", "edald", "two_stage_edald"), ("edald", "Core-set → UC", "edald", "coreset_edald")]
+    md = render_markdown(cmp)
+    # 20 -> 25: +5.00 points, +25.00%; 20 -> 15: -5.00, -25.00; the paper's row beside ours
+    assert "| edald | Herding → UC | 20.00 ± 0.00 | 25.00 ± 0.00 | +5.00 | +25.00 | 25.14 ± 0.57 | 36.12 ± 0.24 " \
+           "| +10.98 | +43.68 |" in md
+    assert "| edald | Core-set → UC | 20.00 ± 0.00 | 15.00 ± 0.00 | -5.00 | -25.00 |" in md
+    assert "| random | 1 | 4 | 30.00 | 25.91 ± 1.23 (Table 2) |" in md  # one seed: no std
+
+
+def test_rounds_to_reach_worked_example():
+    assert rounds_to_reach([10, 30, 45, 50], 45) == 3
+    assert rounds_to_reach([10, 30], 45) is None
+    res = _result("x", [[10, 30, 45, 50], [20, 41, 44, 52]])  # labelled 2, 4, 6, 8 of 800 pixels
+    # fully supervised 50: 80% = 40 is reached in rounds 3 and 2; 90% = 45 in rounds 3 and 4
+    at80, at90 = reach(res, 0.8 * 50), reach(res, 0.9 * 50)
+    assert (at80.rounds, at80.pixels_pct, at80.reached) == (2.5, pytest.approx(100 * (6 + 4) / 2 / 800), 2)
+    assert (at90.rounds, at90.pixels_pct) == (3.5, pytest.approx(100 * (6 + 8) / 2 / 800))
+    assert (reach(res, 51).rounds, reach(res, 51).reached, reach(res, 51).seeds) == (None, 1, 2)
+    cmp = Comparison([res], [], "synthetic", supervised={"miou": 0.5, "pixels": 10})
+    assert "| x | 2.5 | 0.6250% | 3.5 | 0.8750% |" in render_markdown(cmp)
+    cmp = Comparison([res], [], "synthetic", supervised={"miou": 0.6, "pixels": 10})  # 80% = 48, 90% = 54
+    assert "| x | 4.0 | 1.0000% | not reached (0/2 seeds) |  |" in render_markdown(cmp)
+
+
+def test_sweep_runs_one_block_per_value(setup):
+    root, config = setup
+    out = root / "sweep"
+    with pytest.raises(SparsesegError, match="budget=null"):  # an explicit budget would win over the fraction
+        compare(config, ["random"], [0], out, ["rounds=1"], parse_sweeps(["budget_fraction=0.2,0.5"]))
+    result = compare(config, ["random"], [0], out, ["rounds=1", "budget=null"],
+                     parse_sweeps(["budget_fraction=0.2,0.5"]))
+    assert [o.spec.name for o in result.outcomes] == ["budget_fraction=0.2/random_s0", "budget_fraction=0.5/random_s0"]
+    # 6 training images: round(0.2 * 6) = 1 and round(0.5 * 6) = 3 pixels per round
+    assert _rounds(out / "budget_fraction=0.2" / "random_s0")[0]["labelled"] == 1
+    assert _rounds(out / "budget_fraction=0.5" / "random_s0")[0]["labelled"] == 3
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert [(r["budget_fraction"], r["strategy"], r["labelled"]) for r in rows] == [("0.2", "random", "1"),
+                                                                                   ("0.5", "random", "3")]
+    md = (out / "summary.md").read_text()
+    assert md.index("## budget_fraction=0.2") < md.index("## budget_fraction=0.5")
+    # two swept keys make a grid; K and M name the folder
+    specs = plan_comparison(config, ["random"], [0], out, None,
+                            parse_sweeps(["strategy.k_per_image=5,10", "strategy.pool_ratio=0.5"]))
+    assert [s.name for s in specs] == ["strategy.k_per_image=5,strategy.pool_ratio=0.5/random_s0",
+                                       "strategy.k_per_image=10,strategy.pool_ratio=0.5/random_s0"]
+    assert [s.config.strategy.k_per_image for s in specs] == [5, 10]
+
+
+def test_bad_plans_are_refused_before_anything_runs(setup, tmp_path):
+    _, config = setup
+    with pytest.raises(SparsesegError, match="entrpy not known; choose from .*random"):
+        plan_comparison(config, ["entrpy"], [0], tmp_path)
+    with pytest.raises(SparsesegError, match="use --seeds"):
+        plan_comparison(config, ["random"], [0], tmp_path, ["seed=3"])
+    with pytest.raises(SparsesegError, match="use --strategies"):
+        parse_sweeps(["strategy.name=random,margin"])
+    with pytest.raises(SparsesegError, match="roundz"):
+        plan_comparison(config, ["random"], [0], tmp_path, ["roundz=3"])
+    assert not any(tmp_path.iterdir())
+
+
+def test_supervised_reference_samples_labelled_pixels_and_scores_like_a_run(setup, compared):
+    root, config = setup
+    masks = torch.tensor([[[IGNORE, 1], [2, 3]], [[IGNORE, IGNORE], [IGNORE, 4]]], dtype=torch.uint8)
+    image, y, x, cls = sample_dense_pixels(masks, 2, seed=0)
+    assert image.tolist().count(0) == 2 and image.tolist().count(1) == 1  # image 1 has one labelled pixel
+    assert (masks[image, y, x].long() == cls).all() and (cls != IGNORE).all()
+    assert all(torch.equal(a, b) for a, b in zip(sample_dense_pixels(masks, 2, seed=0), (image, y, x, cls),
+                                                  strict=True))
+
+    result = runner.invoke(app, ["supervised", str(config), "--out", str(root / "sup"), "--pixels-per-image", "20"])
+    assert result.exit_code == 0, result.output
+    sup = read_supervised(root / "sup")
+    assert (sup["pixels_per_image"], sup["pixels"], sup["train_images"]) == (20, 120, 6)  # no void in synthetic
+    assert 0 <= sup["miou"] <= 1 and len(sup["per_class_iou"]) == 6
+    again = train_supervised(load_config(config), 20)
+    assert again["miou"] == sup["miou"]  # seeded: the same pixels, the same head
+
+    out, _ = compared
+    result = compare(config, ["random", "max_herding"], [0, 1], out, supervised=root / "sup")
+    md = (out / "summary.md").read_text()
+    assert f"fully supervised {100 * sup['miou']:.2f}%" in md and "| strategy | rounds to 80% |" in md
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert all(r["reached_80"].endswith("/2") for r in rows)
+    with pytest.raises(SparsesegError, match="computed with eval_split=test, the comparison uses train"):
+        compare(config, ["random"], [0], out, ["eval_split=train"], supervised=root / "sup", run=False)
+
+
+def test_a_failing_run_is_reported_and_the_others_finish(setup):
+    root, config = setup
+    out = root / "failing"
+    (out / "random_s1").mkdir(parents=True)
+    (out / "random_s1" / "stray.txt").write_text("not a run")  # Experiment refuses such a folder
+    result = compare(config, ["random"], [0, 1], out, ["rounds=1"])
+    assert [o.status for o in result.outcomes] == ["finished", "failed"]
+    bad = result.outcomes[1]
+    assert "not empty" in bad.message and "Traceback" in bad.spec.log.read_text()
+    assert bad.spec.log == out / "random_s1.log"
+    assert "| random | 1 |" in (out / "summary.md").read_text()
+    assert "Runs without a finished result: random_s1." in (out / "summary.md").read_text()
+    cli = runner.invoke(app, ["compare", str(config), "--strategies", "random", "--seeds", "0,1", "--out", str(out),
+                              "--set", "rounds=1"])
+    assert cli.exit_code == 1
+    assert "random_s1" in cli.output and "random_s1.log" in cli.output
+
+
+def test_cli_puts_the_papers_figures_beside_ours(setup, compared):
+    _, config = setup
+    out, _ = compared
+    args = ["compare", str(config), "--strategies", "random,max_herding", "--seeds", "0,1", "--out", str(out)]
+    result = runner.invoke(app, [*args, "--dataset", "camvid"])
+    assert result.exit_code == 0, result.output
+    md = (out / "summary.md").read_text()
+    assert "25.91 ± 1.23 (Table 2) |" in md and "31.83 (Table 8) |" in md and "PixelPick 29.93 ± 0.12" in md
+    rows = {r["strategy"]: r for r in csv.DictReader((out / "summary.csv").open())}
+    assert (rows["random"]["paper_miou"], rows["random"]["paper_source"]) == ("25.91", "Table 2")
+    # --summary-only runs nothing: an unfinished seed is reported, not run, and is no failure
+    result = runner.invoke(app, [*args[:5], "0,1,5", *args[6:], "--summary-only"])
+    assert result.exit_code == 0, result.output
+    assert "not finished: random_s5, max_herding_s5" in result.output and not (out / "random_s5").exists()
+    # the synthetic data's meta.json names no dataset of the paper
+    result = runner.invoke(app, [*args, "--paper"])
+    assert result.exit_code == 2 and "--dataset" in result.output and "synthetic" in result.output
+
+
+def test_paper_lookups_follow_the_swept_setting():
+    assert str(paper.final_miou("camvid", "two_stage_edald")) == "36.12 ± 0.24"
+    assert paper.final_miou("camvid", "two_stage_edald", {"budget_fraction": "0.2"}).mean == 40.3
+    assert paper.final_miou("camvid", "two_stage_edald",
+                            {"strategy.k_per_image": "20", "strategy.pool_ratio": "0.4"}).mean == 38.70
+    assert paper.final_miou("camvid", "random", {"budget_fraction": "0.1"}).mean == 25.91
+    assert paper.final_miou("camvid", "random", {"budget_fraction": "0.5"}) is None
+    assert paper.final_miou("camvid", "two_stage_margin").mean == 32.77  # Table 1 only
+    assert paper.final_miou("ade_bed", "max_herding").source == "Table 8"
+    assert paper.round_curve("cityscapes", "two_stage_edald")[-1] == 33.34
+    assert paper.resolve_dataset("ADE-Bed") == "ade_bed"
+    with pytest.raises(SparsesegError, match="choose one of camvid, ade_bed"):
+        paper.resolve_dataset("voc")
+    # Table 2's averages column, recomputed from its cells
+    for name, avg in (("random", 28.14), ("margin", 34.66), ("two_stage_edald", 37.14)):
+        assert round(statistics.fmean(m for m, _ in paper.TABLE_2[name].values()), 2) == pytest.approx(avg, abs=0.011)
+
+
+def test_jobs_run_as_single_threaded_subprocesses(setup, monkeypatch):
+    root, config = setup
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the harness must override it for its workers
+    out = root / "jobs"
+    result = compare(config, ["random", "max_herding"], [0], out, ["rounds=1"], jobs=2)
+    assert [o.status for o in result.outcomes] == ["finished", "finished"], [o.message for o in result.outcomes]
+    for name in ("random_s0", "max_herding_s0"):
+        assert len(_rounds(out / name)) == 1
+        assert json.loads((out / name / "meta.json").read_text())["hardware"]["cpu_threads"] == 1
+        assert "sparseseg.cli run" in (out / f"{name}.log").read_text()
