@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean labelstudio test-integration
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,18 @@ $(STAMP): pyproject.toml requirements.lock
 
 install: $(STAMP)
 
+# Label Studio for the integration test, in its own venv (its pinned dependencies conflict with ours).
+LS_VENV := .venv-ls
+LS_STAMP := $(LS_VENV)/.installed
+
+$(LS_STAMP): requirements-labelstudio.lock
+	$(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/pip install -q --upgrade pip
+	$(LS_VENV)/bin/pip install -q -r requirements-labelstudio.lock
+	touch $(LS_STAMP)
+
+labelstudio: $(LS_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/sparseseg demo --out demo_out
 
@@ -22,8 +34,12 @@ test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
 
+# A real Label Studio server on a loopback port: tasks in, answers through its API, export back in.
+test-integration: $(STAMP) $(LS_STAMP)
+	$(BIN)/python -m pytest -q -m labelstudio tests/test_labelstudio.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) $(LS_VENV) demo_out .pytest_cache

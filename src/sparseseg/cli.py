@@ -24,6 +24,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from sparseseg.annotate.cli import register as register_annotate
+from sparseseg.compare_cli import register as register_compare
 from sparseseg.errors import SparsesegError
 
 app = typer.Typer(help="Choose the few pixels worth labelling: diffusion-driven two-stage active learning.",
@@ -118,21 +120,30 @@ def pretrain(
     images: Annotated[Path, typer.Option(help="Folder of unlabelled images (e.g. DATA/train/images).")],
     out: Annotated[Path, typer.Option(help="Checkpoint file to write (resumed when it exists).")],
     size: Annotated[int, typer.Option(help="Training resolution: 64, 128 or 256.")] = 64,
-    channels: Annotated[int, typer.Option(help="Base channels of the UNet (OpenAI's: 256).")] = 64,
+    channels: Annotated[int | None, typer.Option(
+        help="Base channels of the UNet (OpenAI's: 256); default by size: 32->32, 64->64, 128 and up->128.")] = None,
     steps: Annotated[int, typer.Option(help="Optimiser steps in total.")] = 2000,
-    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 8,
+    batch_size: Annotated[int | None, typer.Option(
+        help="Images per step; default by size: 32->16, 64 and 128->8, 256->4.")] = None,
     lr: Annotated[float, typer.Option(help="Learning rate (AdamW).")] = 1e-4,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 500,
+    samples: Annotated[int, typer.Option(
+        help="Images in the DDIM sample grid written at each checkpoint (OUT.samples.png); 0: none.")] = 16,
 ) -> None:
-    """Train an ADM diffusion UNet (guided-diffusion architecture, epsilon DDPM loss) on unlabelled images."""
+    """Train an ADM diffusion UNet (guided-diffusion architecture, epsilon DDPM loss) on unlabelled images.
+
+    EMA weights, bf16 autocast on CUDA, atomic checkpoints that resume, OUT.losses.csv and a
+    sample grid OUT.samples.png at every checkpoint.
+    """
     from sparseseg.backbones.pretrain import pretrain_adm
 
     with progress_bars() as update:
         path = pretrain_adm(images, out, size=size, channels=channels, steps=steps, batch_size=batch_size, lr=lr,
-                            seed=seed, checkpoint_every=checkpoint_every,
+                            seed=seed, checkpoint_every=checkpoint_every, samples=samples,
                             progress=lambda s, n, loss: update("pretraining", s, n))
-    console.print(f"wrote {path}")
+    console.print(f"wrote {path}, {path.name}.losses.csv and {path.name}.samples.png" if samples
+                  else f"wrote {path} and {path.name}.losses.csv")
 
 
 @app.command("fetch-backbone")
@@ -150,22 +161,29 @@ def fetch_backbone(
 @app.command()
 @friendly
 def features(
-    checkpoint: Annotated[Path, typer.Option(help="ADM checkpoint: OpenAI .pt or from `sparseseg pretrain`.")],
     image: Annotated[Path, typer.Option(help="An image file.")],
     out: Annotated[Path, typer.Option(help="Output .npz.")],
+    checkpoint: Annotated[Path | None, typer.Option(
+        help="adm: OpenAI .pt or from `sparseseg pretrain`; diffusers: a folder or Hub id; efficientnet_lite0: none."
+    )] = None,
+    backbone: Annotated[str, typer.Option(help="adm, diffusers or efficientnet_lite0 (docs/backbones.md).")] = "adm",
     size: Annotated[int, typer.Option(help="Resize the image to size x size (bilinear).")] = 256,
-    timesteps: Annotated[str, typer.Option(help="Comma-separated timesteps.")] = "50,150,250",
-    blocks: Annotated[str, typer.Option(help="Comma-separated decoder output_blocks.")] = "5,8,12,17",
+    timesteps: Annotated[str | None, typer.Option(
+        help="Comma-separated timesteps (default: the backbone's; adm 50,150,250).")] = None,
+    blocks: Annotated[str | None, typer.Option(
+        help="Comma-separated blocks: adm output_blocks (5,8,12,17), diffusers up_blocks, efficientnet stages."
+    )] = None,
     preset: Annotated[str | None, typer.Option(help="Flags of an OpenAI checkpoint: imagenet_256, lsun_bedroom.")] = None,
     config: Annotated[Path | None, typer.Option(help="guided-diffusion flags as JSON/YAML.")] = None,
     noise_file: Annotated[Path | None, typer.Option(help=".npy of shape (1,3,S,S) or (3,S,S); else seeded.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the noise when no --noise-file.")] = 0,
 ) -> None:
-    """Native-resolution decoder features of one image: `block{b}_t{t}` and `x_t{t}` arrays."""
+    """Native-resolution features of one image: `block{b}_t{t}` and `x_t{t}` arrays (`stage{s}` for CNNs)."""
     from sparseseg.features.single import image_features
 
-    arrays = image_features(checkpoint, image, size, _ints(timesteps), _ints(blocks), preset=preset,
-                            config_file=config, noise_file=noise_file, seed=seed)
+    arrays = image_features(checkpoint, image, size, _ints(timesteps) if timesteps else None,
+                            _ints(blocks) if blocks else None, preset=preset, config_file=config,
+                            noise_file=noise_file, seed=seed, backbone=backbone)
     out.parent.mkdir(parents=True, exist_ok=True)
     import numpy as np
 
@@ -254,6 +272,10 @@ def demo(
     console.print(rounds_table({name: recs for name, (recs, _) in runs.items()}))
     for name, (_, path) in runs.items():
         console.print(f"{name}: {path}")
+
+
+register_compare(app)  # `compare` and `supervised` (sparseseg.compare_cli)
+register_annotate(app)  # `init`, `query`, `import`, `export`, `train`, `predict`, `status` (sparseseg.annotate)
 
 
 def main() -> None:  # pragma: no cover

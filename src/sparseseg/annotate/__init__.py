@@ -1,0 +1,16 @@
+"""Labelling real images: queries out to an annotation tool, answers back in, a head and masks out.
+
+A project folder holds the prepared images, a config (`project.yaml`) and one SQLite database
+(`annotations.sqlite`) that records every query and every answer. Modules, one job each:
+
+    config.py     ProjectConfig: backbone, features, strategy, head, budget (pydantic, extra=forbid)
+    store.py      the SQLite store: schema, transactions, reads and writes
+    coords.py     pixel <-> Label Studio percent / CVAT pixel coordinates (pixel centres)
+    export.py     a round's queries as Label Studio tasks + labelling config, CVAT XML, CSV
+    importers.py  Label Studio JSON, CVAT XML and CSV answer files -> raw answers
+    review.py     crosshair PNGs of where the queried pixels are
+    project.py    init / query / import / train / predict / status on a project folder
+    cli.py        the `sparseseg init|query|import|train|predict|status|export` commands
+
+See docs/annotation.md for the schema, the file formats and the guarantees.
+"""

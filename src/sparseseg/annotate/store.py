@@ -1,0 +1,382 @@
+"""The project's SQLite store: every query and every answer, in one file, changed only in transactions.
+
+Guarantees (see docs/annotation.md):
+  * every change (a query round, an import) is one transaction started with BEGIN IMMEDIATE, so a
+    crash or kill at any moment leaves the database as it was before or after the change, never
+    between (SQLite's rollback journal, synchronous=FULL);
+  * two commands at once queue on the write lock (busy timeout BUSY_TIMEOUT_S) instead of failing,
+    and UNIQUE constraints make a duplicate query or a second current answer impossible;
+  * nothing is deleted: an answer replaced by a later import stays, marked `current = 0`.
+
+Image ids are the images' positions in sorted name order (the order `load_split` reads them);
+class ids are line numbers of the classes file; a skip ("unsure") answer has class_id NULL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sparseseg.errors import SparsesegError
+
+DB_FILE = "annotations.sqlite"
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_S = 60.0
+# Test hook: seconds to sleep after each row written inside a transaction (announced on stderr),
+# so a test can kill a command in the middle of one. Unset in normal use.
+PAUSE_ENV = "SPARSESEG_TEST_PAUSE_ROWS"
+
+SCHEMA = """
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE classes (
+    id   INTEGER PRIMARY KEY CHECK (id >= 0 AND id < 255),
+    name TEXT NOT NULL UNIQUE
+);
+CREATE TABLE images (
+    id     INTEGER PRIMARY KEY CHECK (id >= 0),
+    name   TEXT NOT NULL UNIQUE,
+    source TEXT NOT NULL,
+    width  INTEGER NOT NULL,
+    height INTEGER NOT NULL
+);
+CREATE TABLE rounds (
+    round      INTEGER PRIMARY KEY CHECK (round >= 1),
+    created_at TEXT NOT NULL,
+    strategy   TEXT NOT NULL,
+    budget     INTEGER NOT NULL,
+    forced     INTEGER NOT NULL CHECK (forced IN (0, 1)),
+    info       TEXT NOT NULL
+);
+CREATE TABLE queries (
+    id       INTEGER PRIMARY KEY,
+    round    INTEGER NOT NULL REFERENCES rounds (round),
+    image_id INTEGER NOT NULL REFERENCES images (id),
+    y        INTEGER NOT NULL CHECK (y >= 0),
+    x        INTEGER NOT NULL CHECK (x >= 0),
+    rank     INTEGER NOT NULL,
+    UNIQUE (image_id, y, x)
+);
+CREATE TABLE imports (
+    id          INTEGER PRIMARY KEY,
+    sha256      TEXT NOT NULL UNIQUE,
+    file        TEXT NOT NULL,
+    format      TEXT NOT NULL,
+    imported_at TEXT NOT NULL,
+    new         INTEGER NOT NULL,
+    unchanged   INTEGER NOT NULL,
+    replaced    INTEGER NOT NULL,
+    unanswered  INTEGER NOT NULL
+);
+CREATE TABLE answers (
+    id          INTEGER PRIMARY KEY,
+    query_id    INTEGER NOT NULL REFERENCES queries (id),
+    class_id    INTEGER REFERENCES classes (id),
+    source      TEXT NOT NULL,
+    annotator   TEXT NOT NULL,
+    answered_at TEXT NOT NULL,
+    import_id   INTEGER NOT NULL REFERENCES imports (id),
+    current     INTEGER NOT NULL DEFAULT 1 CHECK (current IN (0, 1)),
+    replaced_by INTEGER REFERENCES answers (id)
+);
+CREATE UNIQUE INDEX answers_one_current ON answers (query_id) WHERE current = 1;
+CREATE VIEW labelled_pixels AS
+    SELECT q.id AS query_id, i.name AS image, q.y, q.x, a.class_id, c.name AS class,
+           a.class_id IS NULL AS skip, q.round, a.source, a.annotator, a.answered_at, a.import_id
+    FROM answers a
+    JOIN queries q ON q.id = a.query_id
+    JOIN images i ON i.id = q.image_id
+    LEFT JOIN classes c ON c.id = a.class_id
+    WHERE a.current = 1;
+"""
+
+
+def now() -> str:
+    """The current UTC time as ISO 8601 (seconds)."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def pause_for_tests(what: str, row: int) -> None:
+    """The crash-test hook: announce the row on stderr and sleep, when PAUSE_ENV is set."""
+    delay = os.environ.get(PAUSE_ENV)
+    if delay:
+        print(f"sparseseg-test {what} row {row}", file=sys.stderr, flush=True)
+        time.sleep(float(delay))
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    id: int
+    name: str
+    source: str
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class QueryRow:
+    id: int
+    round: int
+    image_id: int
+    y: int
+    x: int
+
+
+@dataclass(frozen=True)
+class AnswerRow:
+    query_id: int
+    class_id: int | None  # None: "unsure / skip"
+    source: str
+    annotator: str
+    answered_at: str
+    import_id: int
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    round: int
+    created_at: str
+    strategy: str
+    budget: int
+    forced: bool
+    info: dict
+
+
+@dataclass(frozen=True)
+class NewAnswer:
+    """An answer to store: a new one, or one replacing the current answer of its query."""
+
+    query_id: int
+    class_id: int | None
+    annotator: str
+    answered_at: str
+
+
+@dataclass
+class Snapshot:
+    """One consistent read of the project's rounds, queries and current answers."""
+
+    revision: int
+    rounds: list[RoundRow]
+    queries: list[QueryRow]
+    answers: dict[int, AnswerRow]  # current answer by query id
+
+    @property
+    def next_round(self) -> int:
+        return self.rounds[-1].round + 1 if self.rounds else 1
+
+    def pending(self) -> list[QueryRow]:
+        return [q for q in self.queries if q.id not in self.answers]
+
+
+def _connect(uri: str, path: Path) -> sqlite3.Connection:
+    try:
+        conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA synchronous = FULL")
+        return conn
+    except sqlite3.Error as exc:
+        raise SparsesegError(f"{path}: cannot open the project database ({exc})") from None
+
+
+class AnnotationStore:
+    """An open project database.
+
+    Reads outside a `write()` block each see one committed state; call them inside `read()` to see
+    several at once consistently. Writes happen only inside `write()`.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise SparsesegError(f"{self.path}: project database not found; is this a sparseseg project?")
+        # mode=rw: never create an empty database by accident
+        self.conn = _connect(self.path.absolute().as_uri() + "?mode=rw", self.path)
+        try:
+            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            self.conn.execute("SELECT value FROM meta WHERE key = 'project_id'").fetchone()
+        except sqlite3.DatabaseError as exc:
+            self.conn.close()
+            raise SparsesegError(f"{self.path}: not a sparseseg project database ({exc})") from None
+        if version != SCHEMA_VERSION:
+            self.conn.close()
+            raise SparsesegError(f"{self.path}: database schema version {version}, this sparseseg reads {SCHEMA_VERSION}")
+
+    @classmethod
+    def create(cls, path: Path, project_id: str, classes: Sequence[str], images: Sequence[ImageRow],
+               size: int) -> AnnotationStore:
+        """Write a new database (the file must not exist) and open it."""
+        path = Path(path)
+        if path.exists():
+            raise SparsesegError(f"{path}: already exists; refusing to overwrite a project database")
+        conn = _connect(path.absolute().as_uri() + "?mode=rwc", path)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in SCHEMA.split(";\n"):  # executescript would commit the transaction first
+                if statement.strip():
+                    conn.execute(statement)
+            conn.executemany("INSERT INTO meta VALUES (?, ?)", [
+                ("project_id", project_id), ("created_at", now()), ("size", str(size)), ("revision", "0")])
+            conn.executemany("INSERT INTO classes VALUES (?, ?)", list(enumerate(classes)))
+            conn.executemany("INSERT INTO images VALUES (?, ?, ?, ?, ?)",
+                             [(i.id, i.name, i.source, i.width, i.height) for i in images])
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        return cls(path)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # ------------------------------------------------------------------ transactions
+    @contextmanager
+    def _transaction(self, begin: str) -> Iterator[sqlite3.Connection]:
+        try:
+            self.conn.execute(begin)
+        except sqlite3.OperationalError as exc:
+            raise SparsesegError(
+                f"{self.path}: database busy for {BUSY_TIMEOUT_S:.0f} s ({exc}); another sparseseg command "
+                "holds it: try again when it has finished"
+            ) from None
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        try:
+            self.conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise SparsesegError(f"{self.path}: could not commit ({exc}); nothing was changed") from None
+
+    @contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        """A consistent read of several tables (a deferred transaction, or the open one)."""
+        if self.conn.in_transaction:
+            yield self.conn
+            return
+        with self._transaction("BEGIN") as conn:
+            yield conn
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """The one way to change the database: all or nothing, one writer at a time."""
+        with self._transaction("BEGIN IMMEDIATE") as conn:
+            yield conn
+
+    def _bump_revision(self) -> None:
+        """Every change moves the revision on, so a query computed on an older state is refused."""
+        self.conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'revision'")
+
+    # ------------------------------------------------------------------ reads
+    def meta(self, key: str) -> str:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            raise SparsesegError(f"{self.path}: damaged project database (no {key!r} in meta)")
+        return row[0]
+
+    @property
+    def project_id(self) -> str:
+        return self.meta("project_id")
+
+    def classes(self) -> list[str]:
+        return [name for (name,) in self.conn.execute("SELECT name FROM classes ORDER BY id")]
+
+    def images(self) -> list[ImageRow]:
+        return [ImageRow(*row) for row in self.conn.execute("SELECT id, name, source, width, height FROM images ORDER BY id")]
+
+    def snapshot(self) -> Snapshot:
+        """Rounds, queries and current answers as of one committed state."""
+        with self.read() as conn:
+            revision = int(self.meta("revision"))
+            rounds = [RoundRow(r, c, s, b, bool(f), json.loads(i)) for r, c, s, b, f, i in conn.execute(
+                "SELECT round, created_at, strategy, budget, forced, info FROM rounds ORDER BY round")]
+            queries = [QueryRow(*row) for row in conn.execute(
+                "SELECT id, round, image_id, y, x FROM queries ORDER BY id")]
+            answers = {row[0]: AnswerRow(*row) for row in conn.execute(
+                "SELECT query_id, class_id, source, annotator, answered_at, import_id FROM answers WHERE current = 1")}
+        return Snapshot(revision, rounds, queries, answers)
+
+    def imports(self) -> list[dict]:
+        """Every recorded import, oldest first."""
+        cur = self.conn.execute("SELECT id, file, format, imported_at, new, unchanged, replaced, unanswered "
+                                "FROM imports ORDER BY id")
+        keys = [d[0] for d in cur.description]
+        return [dict(zip(keys, row, strict=True)) for row in cur]
+
+    def find_import(self, sha256: str) -> tuple[int, str, str] | None:
+        """(id, file, time) of an earlier import of a file with these bytes, if any."""
+        return self.conn.execute("SELECT id, file, imported_at FROM imports WHERE sha256 = ?", (sha256,)).fetchone()
+
+    # ------------------------------------------------------------------ writes (inside write())
+    def add_round(self, expected_revision: int, round: int, strategy: str, budget: int, forced: bool, info: dict,
+                  pixels: Sequence[tuple[int, int, int]]) -> list[int]:
+        """Record round `round` and its queried pixels (image_id, y, x) in selection order; returns query ids.
+
+        Raises:
+            SparsesegError: the project changed since the selection was computed (another command ran),
+                or a pixel is already queried.
+        """
+        assert self.conn.in_transaction, "add_round must run inside write()"
+        if int(self.meta("revision")) != expected_revision:
+            raise SparsesegError(
+                f"{self.path}: the project changed while the pixels were being selected (another query or import "
+                "ran); nothing was recorded: run the query again"
+            )
+        self._bump_revision()
+        self.conn.execute("INSERT INTO rounds VALUES (?, ?, ?, ?, ?, ?)",
+                          (round, now(), strategy, budget, int(forced), json.dumps(info)))
+        ids = []
+        for rank, (image_id, y, x) in enumerate(pixels):
+            try:
+                cur = self.conn.execute("INSERT INTO queries (round, image_id, y, x, rank) VALUES (?, ?, ?, ?, ?)",
+                                        (round, image_id, y, x, rank))
+            except sqlite3.IntegrityError:
+                raise SparsesegError(
+                    f"{self.path}: pixel (y={y}, x={x}) of image id {image_id} is already queried; nothing was recorded"
+                ) from None
+            ids.append(cur.lastrowid)
+            pause_for_tests("query", rank)
+        return ids
+
+    def add_import(self, sha256: str, file: str, format: str, new: Sequence[NewAnswer], replace: Sequence[NewAnswer],
+                   unchanged: int, unanswered: int) -> int:
+        """Record one imported file and its new and replacing answers; returns the import id."""
+        assert self.conn.in_transaction, "add_import must run inside write()"
+        self._bump_revision()
+        cur = self.conn.execute(
+            "INSERT INTO imports (sha256, file, format, imported_at, new, unchanged, replaced, unanswered) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (sha256, file, format, now(), len(new), unchanged, len(replace), unanswered))
+        import_id = cur.lastrowid
+        row = 0
+        for answer in replace:
+            old = self.conn.execute("SELECT id FROM answers WHERE query_id = ? AND current = 1",
+                                    (answer.query_id,)).fetchone()[0]
+            self.conn.execute("UPDATE answers SET current = 0 WHERE id = ?", (old,))
+            new_id = self._insert_answer(answer, format, import_id)
+            self.conn.execute("UPDATE answers SET replaced_by = ? WHERE id = ?", (new_id, old))
+            pause_for_tests("answer", row)
+            row += 1
+        for answer in new:
+            self._insert_answer(answer, format, import_id)
+            pause_for_tests("answer", row)
+            row += 1
+        return import_id
+
+    def _insert_answer(self, answer: NewAnswer, source: str, import_id: int) -> int:
+        cur = self.conn.execute(
+            "INSERT INTO answers (query_id, class_id, source, annotator, answered_at, import_id) VALUES (?, ?, ?, ?, ?, ?)",
+            (answer.query_id, answer.class_id, source, answer.annotator, answer.answered_at, import_id))
+        return cur.lastrowid
