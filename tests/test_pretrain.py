@@ -13,7 +13,7 @@ from sparseseg.backbones.adm import ADMBackbone, load_adm
 from sparseseg.backbones.pretrain import load_image_folder, pretrain_adm
 from sparseseg.errors import SparsesegError
 
-SMALL = dict(size=32, channels=32, batch_size=2, device="cpu")
+SMALL = dict(size=32, channels=32, batch_size=2, device="cpu", samples=2, sample_steps=2)
 
 
 @pytest.fixture
@@ -44,6 +44,8 @@ def test_checkpoint_loads_and_resume_continues(image_dir, tmp_path):
     assert ckpt["sparseseg_adm"] == 1 and ckpt["step"] == 3 and ckpt["input_size"] == 32
     assert [s for s, _ in ckpt["losses"]] == [3]
     assert (tmp_path / "run" / "adm.pt.losses.csv").read_text().startswith("step,loss\n3,")
+    with Image.open(tmp_path / "run" / "adm.pt.samples.png") as grid:  # 2 samples side by side, 1px borders
+        assert grid.size == (2 * 34, 34)
 
     model, flags = load_adm(out)
     assert flags.num_channels == 32 and flags.num_head_channels == 16 and flags.learn_sigma
@@ -116,3 +118,27 @@ def test_loss_decreases_on_flat_colours(tmp_path):
     except _TooSlow as slow:
         pytest.skip(str(slow))
     assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
+
+
+def test_ddim_sampler_recovers_the_image_an_exact_noise_oracle_implies():
+    # A model that predicts exactly the noise separating x_t from one fixed image x0 makes DDIM
+    # (eta = 0) land on x0 from any x_T: worked out from x_t = sqrt(abar) x0 + sqrt(1 - abar) eps.
+    from sparseseg.backbones.diffusion import NoiseSchedule
+
+    schedule = NoiseSchedule.named("linear", 1000)
+    target = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    abar = torch.from_numpy(schedule.alphas_cumprod).float()
+
+    def oracle(x, t):
+        a = abar[t].view(-1, 1, 1, 1)
+        return (x - a.sqrt() * target) / (1 - a).sqrt()
+
+    out = schedule.ddim_sample(oracle, (2, 3, 8, 8), steps=20, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(out, target, atol=1e-4, rtol=0)
+
+
+def test_defaults_by_size():
+    from sparseseg.backbones.pretrain import default_settings
+
+    assert default_settings(32) == (32, 16) and default_settings(64) == (64, 8)
+    assert default_settings(96) == (128, 8) and default_settings(512) == (128, 4)

@@ -1,7 +1,8 @@
 """The Gaussian forward process of guided-diffusion (Ho et al. 2020; Nichol & Dhariwal 2021).
 
-Only what feature extraction and in-domain pre-training need: the beta schedules, `q_sample`
-and the epsilon-prediction training loss. Sampling lives nowhere in sparseseg.
+Only what feature extraction and in-domain pre-training need: the beta schedules, `q_sample`,
+the epsilon-prediction training loss, and a deterministic DDIM sampler that pre-training uses to
+draw a sample grid at checkpoints (so a person can see the model learn).
 """
 
 from __future__ import annotations
@@ -143,3 +144,40 @@ class NoiseSchedule:
         t, noise = t.to(x0.device), noise.to(x0.device)
         eps = model(self.q_sample(x0, t, noise), t)[:, :c]
         return F.mse_loss(eps.float(), noise.float())
+
+    @torch.no_grad()
+    def ddim_sample(
+        self,
+        model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        shape: tuple[int, ...],
+        steps: int = 50,
+        generator: torch.Generator | None = None,
+        device: str | torch.device = "cpu",
+    ) -> torch.Tensor:
+        """Deterministic DDIM sampling (Song et al. 2021, eta = 0) over `steps` evenly spaced timesteps.
+
+        x_T ~ N(0, I); at each t -> t' (t' < t, the last t' is "before step 0"):
+        x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), clipped to [-1, 1];
+        x_t' = sqrt(abar_t') x0_hat + sqrt(1 - abar_t') eps, with abar before step 0 equal to 1.
+
+        Args:
+            model: maps (x_t, t (B,)) to (B, C or 2C, H, W), the first C channels the predicted noise.
+            shape: (B, C, H, W) of the samples.
+            steps: number of model evaluations (1 .. num_timesteps).
+            generator: seeds x_T (a CPU generator).
+
+        Returns:
+            (B, C, H, W) float32 samples in [-1, 1].
+        """
+        if not 1 <= steps <= self.num_timesteps:
+            raise SparsesegError(f"steps {steps}: expected 1..{self.num_timesteps}")
+        ts = np.linspace(0, self.num_timesteps - 1, steps).round().astype(int)[::-1]
+        x = torch.randn(shape, generator=generator).to(device)
+        c = shape[1]
+        for i, t in enumerate(ts):
+            abar = float(self.alphas_cumprod[t])
+            abar_next = float(self.alphas_cumprod[ts[i + 1]]) if i + 1 < len(ts) else 1.0
+            eps = model(x, torch.full((shape[0],), int(t), device=x.device, dtype=torch.long))[:, :c].float()
+            x0 = ((x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)).clamp(-1, 1)
+            x = math.sqrt(abar_next) * x0 + math.sqrt(1 - abar_next) * eps
+        return x

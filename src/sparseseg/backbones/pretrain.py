@@ -30,6 +30,31 @@ from sparseseg.io import atomic_write
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 LOSS_EVERY = 10
 
+#: Defaults by training size: (base channels, batch size). Wider nets at larger sizes keep the
+#: receptive field's share of the image similar; smaller batches keep memory in check.
+SIZE_DEFAULTS = {32: (32, 16), 64: (64, 8), 128: (128, 8), 256: (128, 4)}
+
+
+def default_settings(size: int) -> tuple[int, int]:
+    """(channels, batch_size) for a training size: the table's entry at or above `size`."""
+    for side in sorted(SIZE_DEFAULTS):
+        if size <= side:
+            return SIZE_DEFAULTS[side]
+    return SIZE_DEFAULTS[max(SIZE_DEFAULTS)]
+
+
+def save_sample_grid(samples: torch.Tensor, path: Path) -> None:
+    """(B, 3, S, S) samples in [-1, 1] as one PNG grid, rows of ceil(sqrt(B)) images."""
+    b, _, s, _ = samples.shape
+    cols = int(np.ceil(np.sqrt(b)))
+    rows = int(np.ceil(b / cols))
+    pixels = ((samples.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    grid = np.full((rows * (s + 2), cols * (s + 2), 3), 255, dtype=np.uint8)
+    for i, img in enumerate(pixels):
+        r, c = divmod(i, cols)
+        grid[r * (s + 2) + 1 : r * (s + 2) + 1 + s, c * (s + 2) + 1 : c * (s + 2) + 1 + s] = img
+    atomic_write(path, lambda p: Image.fromarray(grid).save(p, format="PNG"))
+
 
 def pretrain_flags(channels: int) -> ADMFlags:
     """The ADM-256 family at `channels` base width (heads of min(64, channels // 2) channels).
@@ -111,9 +136,9 @@ def pretrain_adm(
     images_dir: str | Path,
     out: str | Path,
     size: int = 64,
-    channels: int = 64,
+    channels: int | None = None,
     steps: int = 2000,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     lr: float = 1e-4,
     seed: int = 0,
     ema_decay: float = 0.999,
@@ -121,6 +146,8 @@ def pretrain_adm(
     resume: bool = True,
     progress: Callable[[int, int, float], None] | None = None,
     device: str | torch.device | None = None,
+    samples: int = 16,
+    sample_steps: int = 50,
 ) -> Path:
     """Trains an ADM on a folder of images with the epsilon-prediction DDPM loss.
 
@@ -137,9 +164,9 @@ def pretrain_adm(
         images_dir: folder of training images (see `load_image_folder`); held in memory as uint8.
         out: checkpoint path; `<out>.losses.csv` is written beside it.
         size: training side (a multiple of 32).
-        channels: base width (a multiple of 32).
+        channels: base width (a multiple of 32); None: by size (`SIZE_DEFAULTS`).
         steps: total optimisation steps (including those of a resumed run).
-        batch_size: images per step.
+        batch_size: images per step; None: by size (`SIZE_DEFAULTS`).
         lr: AdamW learning rate.
         seed: seeds the initial weights and the data/noise stream.
         ema_decay: final EMA decay.
@@ -148,6 +175,10 @@ def pretrain_adm(
             nothing is trained if it already holds `steps` steps.
         progress: called as progress(step, steps, loss) after every step.
         device: default CUDA when available, else CPU.
+        samples: images in the sample grid written at every checkpoint as
+            `<out>.samples.png` (DDIM with the EMA weights, `sample_steps` steps, the same
+            seeded x_T each time so grids are comparable); 0 disables it.
+        sample_steps: DDIM steps of the sample grid.
 
     Returns:
         `out`.
@@ -158,7 +189,11 @@ def pretrain_adm(
     out = Path(out)
     if size <= 0 or size % 32:
         raise SparsesegError(f"size {size}: must be a positive multiple of 32 (five 2x downsamplings)")
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
+    default_channels, default_batch = default_settings(size)
+    channels = default_channels if channels is None else channels
+    batch_size = default_batch if batch_size is None else batch_size
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every),
+                        ("sample_steps", sample_steps)):
         if value <= 0:
             raise SparsesegError(f"{name} {value}: must be positive")
     flags = pretrain_flags(channels)
@@ -198,6 +233,11 @@ def pretrain_adm(
         atomic_write(out, lambda p: torch.save(state, p))
         csv = "step,loss\n" + "".join(f"{s},{v:.6f}\n" for s, v in losses)
         atomic_write(out.with_name(out.name + ".losses.csv"), lambda p: p.write_text(csv))
+        if samples > 0:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                grid = schedule.ddim_sample(ema, (samples, 3, size, size), steps=sample_steps,
+                                            generator=torch.Generator().manual_seed(seed), device=device)
+            save_sample_grid(grid, out.with_name(out.name + ".samples.png"))
 
     # 2. Train.
     model.train()
