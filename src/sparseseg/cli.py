@@ -219,12 +219,16 @@ def rounds_table(runs: dict[str, list[dict]]) -> Table:
     table = Table(title="mIoU (%) per round")
     table.add_column("round", justify="right")
     table.add_column("labelled", justify="right")
+    longest = max(runs.values(), key=len)
+    supervised = any("supervised_pixels" in rec for rec in longest)  # SAM expansion: clicks + region pixels
+    if supervised:
+        table.add_column("supervised", justify="right")
     for name in runs:
         table.add_column(name, justify="right")
-    longest = max(runs.values(), key=len)
     for i, rec in enumerate(longest):
         cells = [f"{100 * r[i]['miou']:.2f}" if i < len(r) else "" for r in runs.values()]
-        table.add_row(str(rec["round"]), str(rec["labelled"]), *cells)
+        extra = [str(rec.get("supervised_pixels", ""))] if supervised else []
+        table.add_row(str(rec["round"]), str(rec["labelled"]), *extra, *cells)
     return table
 
 

@@ -327,6 +327,8 @@ class StrategyResult:
     labelled: list[list[int]] = field(default_factory=list)  # per seed: labelled pixels after each round
     seconds: list[float] = field(default_factory=list)  # per seed: wall time of its rounds
     pixels_total: int | None = None  # training pixels in all, N x S x S (for "% pixels")
+    expansion: str = "none"  # the runs' `expansion` ("sam": clicks expanded into SAM regions)
+    supervised: list[list[int]] = field(default_factory=list)  # per seed, expansion only: clicks + region pixels
 
     @property
     def final(self) -> list[float]:
@@ -397,7 +399,8 @@ def collect_results(specs: Sequence[RunSpec]) -> list[StrategyResult]:
     results: dict[tuple[Point, str], StrategyResult] = {}
     for spec in specs:
         key = (spec.point, spec.strategy)
-        res = results.setdefault(key, StrategyResult(spec.point, spec.strategy, spec.config.rounds))
+        res = results.setdefault(key, StrategyResult(spec.point, spec.strategy, spec.config.rounds,
+                                                     expansion=spec.config.expansion))
         if run_status(spec)[0] != "complete":
             res.missing.append(spec.seed)
             continue
@@ -405,6 +408,8 @@ def collect_results(specs: Sequence[RunSpec]) -> list[StrategyResult]:
         res.seeds.append(spec.seed)
         res.curves.append([100 * r["miou"] if r.get("miou") is not None else math.nan for r in records])
         res.labelled.append([int(r["labelled"]) for r in records])
+        if spec.config.expansion != "none":
+            res.supervised.append([int(r.get("supervised_pixels", r["labelled"])) for r in records])
         res.seconds.append(sum(p["seconds"] for r in records for p in r.get("phases", {}).values()))
         res.pixels_total = res.pixels_total or _run_totals(spec.out)
     return list(results.values())
@@ -430,7 +435,15 @@ class Comparison:
     def published(self, result: StrategyResult) -> paper.Published | None:
         if self.dataset is None:
             return None
-        return paper.final_miou(self.dataset, result.strategy, dict(result.point))
+        return paper.final_miou(self.dataset, result.strategy, dict(result.point), result.expansion)
+
+    def expanded(self, point: Point) -> bool:
+        """Whether the runs at `point` expand clicks into regions (then the supervised pixels are shown)."""
+        return any(r.expansion != "none" for r in self.results if r.point == point)
+
+    def at_paper_defaults(self, point: Point) -> bool:
+        """The paper's click-only tables (1, 5) apply: default settings and no expansion."""
+        return paper.at_defaults(dict(point)) and not self.expanded(point)
 
     def pairs(self, point: Point) -> list[tuple[str, str, StrategyResult, StrategyResult]]:
         """(score, label, single-stage result, coverage-first result) for Table 1."""
@@ -530,16 +543,27 @@ def render_markdown(cmp: Comparison) -> str:
     if cmp.dataset:
         lines += ["", f"`paper`: the published figure for {paper.DATASET_TITLES[cmp.dataset]} under the same "
                   "strategy name (table in brackets), which assumes the rest of the config is the paper's."]
+    if any(cmp.expanded(p) for p in cmp.points()):
+        lines += ["", "Runs with `expansion: sam` expand each click into a SAM region: `labelled` counts clicks "
+                  "(the budget), `supervised` the pixels with a label after the last round (clicked pixels "
+                  "with a class plus region pixels, mean over seeds); their `paper` figure is Table 9's "
+                  "\"w/ SAM\" column."]
     for point in cmp.points():
         here = [r for r in cmp.results if r.point == point]
         lines += ["", f"## {point_dir(point)}"] if point else []
-        lines += ["", "| strategy | seeds | labelled | final mIoU (%) |" + (" paper |" if cmp.dataset else "")
-                  + " s/run |", "| --- | ---: | ---: | ---: |" + (" ---: |" if cmp.dataset else "") + " ---: |"]
+        sup = cmp.expanded(point)
+        lines += ["", "| strategy | seeds | labelled |" + (" supervised |" if sup else "") + " final mIoU (%) |"
+                  + (" paper |" if cmp.dataset else "") + " s/run |",
+                  "| --- | ---: | ---: |" + (" ---: |" if sup else "") + " ---: |" + (" ---: |" if cmp.dataset else "")
+                  + " ---: |"]
         for r in here:
             if r.seeds:
-                cells = [r.strategy, str(len(r.seeds)), str(r.labelled[0][-1]), _pm(r.mean, r.std)]
+                cells = [r.strategy, str(len(r.seeds)), str(r.labelled[0][-1])]
+                if sup:
+                    cells.append(f"{statistics.fmean(s[-1] for s in r.supervised):.0f}" if r.supervised else "")
+                cells.append(_pm(r.mean, r.std))
             else:
-                cells = [r.strategy, "0", "", "no finished run"]
+                cells = [r.strategy, "0", "", *([""] if sup else []), "no finished run"]
             if cmp.dataset:
                 cells.append(_paper_cell(cmp.published(r)))
             cells.append(_seconds(r.seconds))
@@ -571,7 +595,7 @@ def _pairs_markdown(cmp: Comparison, point: Point) -> list[str]:
         pp, pct = table1_gain(single.mean, first.mean)
         cells = [score, label, _pm(single.mean, single.std), _pm(first.mean, first.std), _signed(pp), _signed(pct)]
         if with_paper:
-            at_defaults = label.startswith("Herding") and paper.at_defaults(dict(point))
+            at_defaults = label.startswith("Herding") and cmp.at_paper_defaults(point)
             pub = paper.table1_pair(cmp.dataset, score) if at_defaults else None
             cells += [str(pub[0]), str(pub[1]), _signed(pub[2]), _signed(pub[3])] if pub else ["", "", "", ""]
         lines.append("| " + " | ".join(cells) + " |")
@@ -593,7 +617,7 @@ def _reach_markdown(cmp: Comparison, point: Point) -> list[str]:
     for r in cmp.at(point).values():
         cells = [r.strategy] + [c for t in TARGETS for c in _reach_cells(reach(r, t * full))]
         lines.append("| " + " | ".join(cells) + " |")
-    if cmp.dataset and paper.at_defaults(dict(point)):
+    if cmp.dataset and cmp.at_paper_defaults(point):
         t5 = paper.TABLE_5[cmp.dataset]
         lines += ["", f"Paper (Table 5, {paper.TABLE_5_SCHEDULE}, b = 0.1 N): "
                   + ", ".join(f"{int(100 * t)}% in {t5[t][0]} rounds ({t5[t][1]:.4f}% of pixels)" for t in TARGETS)
@@ -610,7 +634,8 @@ CSV_FIELDS = ["strategy", "seeds", "n_seeds", "rounds", "labelled", "miou_mean",
 def render_csv(cmp: Comparison) -> str:
     """summary.csv: one row per strategy and sweep point; mIoU in %, empty where not applicable."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=[*cmp.sweep_keys, *CSV_FIELDS], lineterminator="\n")
+    extra = ["expansion", "supervised_pixels"] if any(cmp.expanded(p) for p in cmp.points()) else []
+    writer = csv.DictWriter(buf, fieldnames=[*cmp.sweep_keys, *CSV_FIELDS, *extra], lineterminator="\n")
     writer.writeheader()
 
     def num(value: float | None, digits: int = 4) -> str:
@@ -637,6 +662,10 @@ def render_csv(cmp: Comparison) -> str:
             pub = cmp.published(r)
             if pub:
                 row.update(paper_miou=num(pub.mean, 2), paper_std=num(pub.std, 2), paper_source=pub.source)
+            if extra:
+                row["expansion"] = r.expansion
+                if r.supervised:
+                    row["supervised_pixels"] = num(statistics.fmean(s[-1] for s in r.supervised), 1)
             writer.writerow(row)
     return buf.getvalue()
 
@@ -666,10 +695,11 @@ def plot_curves(cmp: Comparison, path: Path) -> None:
             ax.fill_between(xs, [m - s for m, s in zip(mean, std, strict=True)],
                             [m + s for m, s in zip(mean, std, strict=True)], color=colours[name], alpha=0.2, lw=0)
             if cmp.dataset:
-                curve = paper.round_curve(cmp.dataset, name, dict(point))
+                curve = paper.round_curve(cmp.dataset, name, dict(point), r.expansion)
                 if curve:
+                    column = ", w/ SAM" if paper.split_expansion(dict(point), r.expansion)[1] == "sam" else ""
                     ax.plot(range(1, len(curve) + 1), curve, ls="--", lw=1, color=colours[name],
-                            label=f"{name}, paper (Table 9)")
+                            label=f"{name}, paper (Table 9{column})")
                 pub = cmp.published(r)
                 if pub:
                     ax.errorbar([10], [pub.mean], yerr=[pub.std] if pub.std else None, fmt="*", ms=11, mfc="none",

@@ -99,6 +99,33 @@ class StrategyConfig(_Frozen):
         return self
 
 
+DEFAULT_SAM_HUB_ID = "facebook/sam-vit-base"
+
+
+class SamExpansionConfig(_Frozen):
+    """Pixel-to-region expansion with the Segment Anything Model (docs/expansion.md)."""
+
+    # --- which SAM and its weights ---
+    backend: Literal["transformers", "segment_anything"] = "transformers"
+    checkpoint: Path | None = None  # transformers: a local model folder; segment_anything: a .pth file
+    hub_id: str | None = None  # transformers only: a Hub id (needs internet); None: facebook/sam-vit-base
+    model_type: Literal["vit_b", "vit_l", "vit_h"] | None = None  # segment_anything only; None: from the file name, else vit_b
+    # --- which masks are kept, and how they are trained on ---
+    tau: float = Field(0.88, ge=0)  # keep the best mask when its predicted IoU (clamped to [0, 1]) is >= tau
+    max_region_pixels: int = Field(32, ge=0)  # R: region pixels per click drawn for training (0: none)
+    region_weight: float = Field(1.0, ge=0)  # w: total loss weight of one click's region pixels (a click weighs 1)
+
+    @model_validator(mode="after")
+    def _check_fields(self) -> SamExpansionConfig:
+        if self.backend != "transformers" and self.hub_id is not None:
+            raise ValueError(f"sam.hub_id is not used by sam.backend={self.backend}")
+        if self.backend != "segment_anything" and self.model_type is not None:
+            raise ValueError(f"sam.model_type is not used by sam.backend={self.backend}")
+        if self.checkpoint is not None and self.hub_id is not None:
+            raise ValueError("sam.checkpoint and sam.hub_id both set: give one SAM model")
+        return self
+
+
 class ExperimentConfig(_Frozen):
     """A simulated active-learning experiment (the oracle is the ground-truth mask)."""
 
@@ -115,6 +142,8 @@ class ExperimentConfig(_Frozen):
     features: FeatureConfig = FeatureConfig()
     head: HeadConfig = HeadConfig()
     strategy: StrategyConfig = StrategyConfig()
+    expansion: Literal["none", "sam"] = "none"  # sam: each click's region labelled too (docs/expansion.md)
+    sam: SamExpansionConfig = SamExpansionConfig()  # read only with expansion=sam (so one --set serves a sweep)
 
     @model_validator(mode="after")
     def _check_backbone(self) -> ExperimentConfig:
@@ -197,7 +226,10 @@ def load_config(path: Path | None, overrides: list[str] | None = None, base: dic
     absolute = {"data": _absolute(config.data), "out": _absolute(config.out)}
     backbone = {k: _absolute(getattr(config.backbone, k)) for k in ("checkpoint", "config_file")
                 if getattr(config.backbone, k) is not None}
-    return config.model_copy(update={**absolute, "backbone": config.backbone.model_copy(update=backbone)})
+    update = {**absolute, "backbone": config.backbone.model_copy(update=backbone)}
+    if config.sam.checkpoint is not None:
+        update["sam"] = config.sam.model_copy(update={"checkpoint": _absolute(config.sam.checkpoint)})
+    return config.model_copy(update=update)
 
 
 def _absolute(path: Path) -> Path:
@@ -205,7 +237,7 @@ def _absolute(path: Path) -> Path:
     return Path(os.path.normpath(path.absolute()))
 
 
-_PATH_KEYS = {("data",), ("out",), ("backbone", "checkpoint"), ("backbone", "config_file")}
+_PATH_KEYS = {("data",), ("out",), ("backbone", "checkpoint"), ("backbone", "config_file"), ("sam", "checkpoint")}
 
 
 def _resolve_paths(tree: dict[str, Any], folder: Path) -> dict[str, Any]:

@@ -109,6 +109,16 @@ TABLE_9_CURVES: dict[str, list[float]] = {
     "pascal_context": [25.80, 29.75, 36.61, 39.89, 41.42, 43.43, 44.33, 45.98, 46.24, 47.44],
 }
 
+# Table 9, "w/ SAM" rows: the same, with each click expanded into a SAM region (appendix C.6; strict
+# click parity, one positive point per selected pixel): `expansion: sam` runs.
+TABLE_9_SAM_CURVES: dict[str, list[float]] = {
+    "camvid": [20.51, 28.68, 32.03, 28.74, 31.93, 34.78, 37.75, 36.74, 39.56, 41.34],
+    "ade_bed": [14.00, 16.37, 19.94, 24.13, 29.11, 29.58, 30.34, 31.49, 32.43, 31.68],
+    "cityscapes": [20.31, 25.85, 27.20, 26.37, 26.55, 27.20, 28.05, 29.83, 33.89, 34.02],
+    "pascal_context": [30.42, 38.98, 40.45, 41.90, 42.33, 43.22, 43.48, 44.53, 46.87, 47.71],
+}
+EXPANSIONS = ("none", "sam")
+
 # Sec. 4.3: fully supervised mIoU of the same head and backbone.
 FULLY_SUPERVISED: dict[str, float] = _by_dataset(52.22, 45.58, 43.04, 60.68)
 
@@ -151,27 +161,43 @@ def _number(point: Mapping[str, str], key: str) -> float | None:
         return None
 
 
+def split_expansion(point: Mapping[str, str], expansion: str) -> tuple[dict[str, str], str]:
+    """A swept `expansion` is not a departure from the tables: it picks Table 9's column."""
+    point = dict(point)
+    return point, point.pop("expansion", expansion)
+
+
 def at_defaults(point: Mapping[str, str]) -> bool:
     """True when the swept settings are the paper's tables' settings (b = 0.1 N)."""
     for key in point:
+        if key == "expansion" and point[key] == "none":
+            continue
         value = _number(point, key)
         if key != "budget_fraction" or value is None or not _close(value, 0.1):
             return False
     return True
 
 
-def final_miou(dataset: str, strategy: str, point: Mapping[str, str] | None = None) -> Published | None:
+def final_miou(dataset: str, strategy: str, point: Mapping[str, str] | None = None,
+               expansion: str = "none") -> Published | None:
     """The paper's final-round mIoU for a strategy on a dataset, or None when it published none.
 
     Args:
         dataset: a key of DATASETS.
         strategy: a sparseseg strategy name.
         point: swept settings ({"budget_fraction": "0.2"}, ...); None or {} for the defaults.
+        expansion: the runs' `expansion` ("sam": Table 9's "w/ SAM" column); a swept `expansion`
+            in `point` wins.
 
     Tables 2, 1 and 8 are tried in that order (Table 2 has stds for most names); a swept budget
-    uses Figure 6, a swept (K, M) Figure 5, for two-stage eDALD on CamVid.
+    uses Figure 6, a swept (K, M) Figure 5, for two-stage eDALD on CamVid. With SAM expansion only
+    Table 9 has figures (two-stage eDALD at the defaults).
     """
-    point = dict(point or {})
+    point, expansion = split_expansion(point or {}, expansion)
+    if expansion != "none":
+        if expansion == "sam" and strategy == "two_stage_edald" and at_defaults(point):
+            return Published(TABLE_9_SAM_CURVES[dataset][-1], None, "Table 9, w/ SAM")
+        return None
     if strategy == "two_stage_edald" and dataset == "camvid":
         if set(point) == {"budget_fraction"}:
             value = FIGURE_6_CAMVID.get(_number(point, "budget_fraction"))
@@ -205,8 +231,12 @@ def table1_pair(dataset: str, score: str) -> tuple[Published, Published, float, 
     return Published(um, us, "Table 1"), Published(tm, ts, "Table 1"), pp, pct
 
 
-def round_curve(dataset: str, strategy: str, point: Mapping[str, str] | None = None) -> list[float] | None:
-    """The paper's mIoU after each round (Table 9, w/o SAM) for two-stage eDALD at the defaults."""
-    if strategy != "two_stage_edald" or not at_defaults(dict(point or {})):
+def round_curve(dataset: str, strategy: str, point: Mapping[str, str] | None = None,
+                expansion: str = "none") -> list[float] | None:
+    """The paper's mIoU after each round (Table 9: w/o SAM, or w/ SAM for `expansion="sam"`) for
+    two-stage eDALD at the defaults."""
+    point, expansion = split_expansion(point or {}, expansion)
+    if strategy != "two_stage_edald" or not at_defaults(point):
         return None
-    return TABLE_9_CURVES.get(dataset)
+    curves = {"none": TABLE_9_CURVES, "sam": TABLE_9_SAM_CURVES}.get(expansion, {})
+    return curves.get(dataset)

@@ -90,6 +90,11 @@ def import_(
         return
     _say(f"{file} ({result.format}): {result.new} new answers ({result.skips} of them '{SKIP_LABEL}'), "
          f"{result.replaced} replaced, {result.unchanged} unchanged, {result.unanswered} points still unanswered")
+    if result.regions:
+        _say(f"SAM expanded {result.regions} answered clicks into regions (sparseseg status shows them)")
+    if result.expansion_error:
+        _cli().err_console.print(f"warning: answers imported, but SAM expansion failed: {result.expansion_error}; "
+                                 "`sparseseg train` tries again", markup=False, highlight=False, soft_wrap=True)
 
 
 def export(
@@ -117,8 +122,10 @@ def train(project: ProjectArg) -> None:
     with _cli().progress_bars() as update:
         result = Project(project).train(progress=update)
     what = "trained" if result.retrained else "up to date"
-    _say(f"head {what}: {result.pixels} labelled pixels, classes {', '.join(result.classes_seen)}; "
-         f"training accuracy {100 * result.accuracy:.1f}%; {result.path}")
+    regions = (f" + {result.region_pixels} SAM region pixels ({result.training_region_pixels} drawn for training)"
+               if result.region_pixels else "")
+    _say(f"head {what}: {result.pixels} labelled pixels{regions}, classes {', '.join(result.classes_seen)}; "
+         f"training accuracy {100 * result.accuracy:.1f}% on the clicks; {result.path}")
 
 
 def predict(
@@ -167,6 +174,13 @@ def status(
         hist.add_row(name, str(n))
     hist.add_row("(unsure)", str(info["skipped"]))
     console.print(hist)
+    if info["regions"]:
+        regions = Table(title=f"SAM regions (expansion: {info['expansion']})")
+        for col in ("model", "tau", "expanded", "kept", "pixels"):
+            regions.add_column(col, justify="left" if col == "model" else "right")
+        for r in info["regions"]:
+            regions.add_row(r["model"], f"{r['tau']:g}", str(r["expanded"]), str(r["kept"]), str(r["pixels"]))
+        console.print(regions)
 
 
 def register(app: typer.Typer) -> None:

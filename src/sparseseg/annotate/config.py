@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sparseseg.config import BackboneConfig, FeatureConfig, HeadConfig, StrategyConfig, parse_overrides
+from sparseseg.config import (
+    BackboneConfig,
+    FeatureConfig,
+    HeadConfig,
+    SamExpansionConfig,
+    StrategyConfig,
+    parse_overrides,
+)
 from sparseseg.errors import SparsesegError
 
 CONFIG_FILE = "project.yaml"
@@ -35,6 +42,8 @@ class ProjectConfig(BaseModel):
     features: FeatureConfig = FeatureConfig()
     head: HeadConfig = HeadConfig()
     strategy: StrategyConfig = StrategyConfig()
+    expansion: Literal["none", "sam"] = "none"  # sam: answered clicks are expanded into SAM regions
+    sam: SamExpansionConfig = SamExpansionConfig()  # read only with expansion=sam (docs/expansion.md)
 
     def budget_for(self, num_images: int) -> int:
         """Pixels per round: the explicit count, else round(fraction * N), at least 1."""
@@ -52,14 +61,16 @@ def _validate(tree: dict[str, Any], source: str) -> ProjectConfig:
 
 
 def _absolute_paths(config: ProjectConfig, folder: Path) -> ProjectConfig:
-    """Backbone files relative to `folder` become absolute, so the project works from any directory."""
-    update = {}
-    for key in ("checkpoint", "config_file"):
-        value = getattr(config.backbone, key, None)
-        if value is not None:
-            path = Path(value).expanduser()
-            update[key] = Path(os.path.normpath(path if path.is_absolute() else folder / path))
-    return config.model_copy(update={"backbone": config.backbone.model_copy(update=update)})
+    """Backbone and SAM files relative to `folder` become absolute, so the project works from any directory."""
+    def absolute(value) -> Path:
+        path = Path(value).expanduser()
+        return Path(os.path.normpath(path if path.is_absolute() else folder / path))
+
+    update = {key: absolute(getattr(config.backbone, key)) for key in ("checkpoint", "config_file")
+              if getattr(config.backbone, key, None) is not None}
+    sam = {"checkpoint": absolute(config.sam.checkpoint)} if config.sam.checkpoint is not None else {}
+    return config.model_copy(update={"backbone": config.backbone.model_copy(update=update),
+                                     "sam": config.sam.model_copy(update=sam)})
 
 
 def make_config(overrides: list[str] | None, base: dict[str, Any] | None = None) -> ProjectConfig:

@@ -15,13 +15,18 @@ Layout of PROJECT/:
       review/<stem>.png     crosshairs on the queried pixels
     head.pt                 the head trained on all answers (retrained when they change)
 
-Only `query` and `import` change the database, each in one transaction. The round's files are
+With `expansion: sam` every answered click is also expanded into a SAM region, stored in the
+database's `regions` table with the model and tau that produced it (after `import`, or whenever a
+command needs the head); regions are trained on and drawn in the next round's review PNGs.
+
+Only `query` and `import` change the database's queries and answers, each in one transaction. The round's files are
 written after its transaction commits; `export` writes them again from the database at any time.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import uuid
 from collections import Counter
@@ -51,7 +56,7 @@ from sparseseg.annotate.export import (
 )
 from sparseseg.annotate.importers import RESERVED_LABELS, SKIP_LABEL, ParsedFile, RawAnswer, parse_file
 from sparseseg.annotate.review import crosshair_image
-from sparseseg.annotate.store import DB_FILE, AnnotationStore, ImageRow, NewAnswer, Snapshot, now
+from sparseseg.annotate.store import DB_FILE, AnnotationStore, ImageRow, NewAnswer, RegionRow, Snapshot, now
 from sparseseg.data.dataset import (
     DatasetMeta,
     default_palette,
@@ -74,6 +79,7 @@ from sparseseg.io import atomic_write, atomic_write_text
 from sparseseg.labels import IGNORE, PixelLabels
 
 if TYPE_CHECKING:  # heavy modules are imported only by the commands that run the backbone
+    from sparseseg.expansion.regions import RegionSet, Resolved, TrainingPixels
     from sparseseg.features.store import FeatureStore
 
 Progress = Callable[[str, int, int], None]
@@ -90,6 +96,24 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 def round_dir(root: Path, round: int) -> Path:
     return Path(root) / ROUNDS_DIR / f"{round:03d}"
+
+
+REVIEW_TINT = 0.35  # opacity of the class colour over region pixels in review PNGs (the image stays readable)
+
+
+def _mask_png(mask: np.ndarray) -> bytes:
+    """A bool (S, S) mask as 1-bit PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(mask, dtype=bool)).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def _mask_from_png(data: bytes, size: int) -> np.ndarray:
+    """The bool (S, S) mask of `_mask_png` bytes."""
+    mask = np.asarray(Image.open(io.BytesIO(data)).convert("1"), dtype=bool)
+    if mask.shape != (size, size):
+        raise SparsesegError(f"a stored region mask is {mask.shape}, not the project's {size}x{size}")
+    return mask
 
 
 # ---------------------------------------------------------------------------- init
@@ -147,6 +171,8 @@ def init_project(root: Path, images: Path, classes_file: Path, size: int = 256, 
                              "or --set backbone.name=...")
     if config.backbone.checkpoint is not None and not config.backbone.checkpoint.exists():
         raise SparsesegError(f"{config.backbone.checkpoint}: backbone checkpoint not found")
+    if config.expansion == "sam" and config.sam.checkpoint is not None and not config.sam.checkpoint.exists():
+        raise SparsesegError(f"{config.sam.checkpoint}: SAM checkpoint not found (sam.checkpoint)")
     paths = _list_images(Path(images))
     rows = [ImageRow(i, p.stem, str(p.resolve()), *_image_size(p)) for i, p in enumerate(paths)]
     with staged_output(root) as tmp:
@@ -180,6 +206,8 @@ class ImportResult:
     skips: int = 0
     already: tuple[int, str, str] | None = None  # (import id, file, time) of an identical earlier import
     import_id: int | None = None
+    regions: int = 0  # with expansion: clicks newly expanded by SAM after the import
+    expansion_error: str | None = None  # why expansion failed (the answers are imported all the same)
 
 
 @dataclass
@@ -189,6 +217,8 @@ class TrainResult:
     accuracy: float  # on the training pixels
     retrained: bool
     path: Path
+    region_pixels: int = 0  # with expansion: pixels labelled by regions (after the overlap rule)
+    training_region_pixels: int = 0  # of them, drawn for training (at most sam.max_region_pixels per click)
 
 
 @dataclass
@@ -226,6 +256,8 @@ class Project:
         self.size = self.meta.size
         self.project_id = self.store.project_id
         self._features: _Features | None = None
+        self._expander = None
+        self._images: np.ndarray | None = None
 
     def close(self) -> None:
         self.store.close()
@@ -258,11 +290,109 @@ class Project:
         t = torch.tensor(rows, dtype=torch.long).reshape(-1, 4)
         return t[:, 0], t[:, 1], t[:, 2], t[:, 3]
 
-    def _fingerprint(self, image, y, x, cls) -> str:
+    def _fingerprint(self, image, y, x, cls, extra: TrainingPixels | None = None) -> str:
         state = {"pixels": torch.stack([image, y, x, cls]).T.tolist(), "seed": self.config.seed,
                  "head": self.config.head.model_dump(mode="json"), "backbone": self.config.backbone.model_dump(mode="json"),
                  "features": self.config.features.model_dump(mode="json")}
+        if extra is not None:  # only with expansion, so heads trained without it keep their fingerprint
+            state["regions"] = torch.stack([extra.image, extra.y, extra.x, extra.cls]).T.tolist()
+            state["region_weights"] = [round(float(w), 9) for w in extra.weight]
+            state["sam"] = self.config.sam.model_dump(mode="json")
         return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+
+    # ------------------------------------------------------------------ SAM regions
+    def _region_model(self) -> tuple[str, float]:
+        from sparseseg.expansion.registry import describe
+
+        return describe(self.config.sam), self.config.sam.tau
+
+    def expand_regions(self, progress: Progress | None = None) -> int:
+        """Expand every answered (non-skip) click that has no region under the configured (model, tau)
+        yet; returns how many were added. Does nothing without `expansion: sam`.
+
+        Raises:
+            SparsesegError: SAM cannot be loaded (a missing checkpoint, a Hub id without internet).
+        """
+        if self.config.expansion != "sam":
+            return 0
+        from sparseseg.expansion.base import choose
+
+        model, tau = self._region_model()
+        snap = self.store.snapshot()
+        done = self.store.regions(model, tau)
+        todo = [q for q in snap.queries if q.id in snap.answers and snap.answers[q.id].class_id is not None
+                and q.id not in done]
+        if not todo:
+            return 0
+        expander = self._sam()
+        images = self._working_images()
+        rows = []
+        by_image: dict[int, list] = {}
+        for q in todo:
+            by_image.setdefault(q.image_id, []).append(q)
+        for n, (image_id, qs) in enumerate(sorted(by_image.items()), start=1):
+            proposals = expander.propose(images[image_id], np.array([q.y for q in qs]), np.array([q.x for q in qs]))
+            for j, q in enumerate(qs):
+                choice = choose(proposals.masks[j], proposals.scores[j], tau)
+                mask = _mask_png(choice.mask) if choice.kept else None
+                pixels = int(choice.mask.sum()) if choice.kept else 0
+                rows.append(RegionRow(q.id, expander.name, tau, choice.score, choice.kept, pixels, mask))
+            if progress:
+                progress("expanding (SAM)", n, len(by_image))
+        with self.store.write():
+            return self.store.add_regions(rows)
+
+    def _sam(self):
+        if self._expander is None:
+            from sparseseg.expansion.registry import build_expander
+            from sparseseg.loop.experiment import resolve_device
+
+            self._expander = build_expander(self.config.sam, resolve_device(self.config.backbone.device))
+        return self._expander
+
+    def _working_images(self) -> np.ndarray:
+        """(N, S, S, 3) uint8 project images (what SAM sees; its masks come back at this size)."""
+        if self._images is None:
+            if self._features is not None:
+                self._images = self._features.images.numpy()
+            else:
+                self._images = load_split(self.root / DATA_DIR, SPLIT).images.numpy()
+        return self._images
+
+    def _region_set(self, snap: Snapshot) -> RegionSet:
+        """The stored regions of the current answers under the configured (model, tau), each with its
+        click's current class, in query order."""
+        from sparseseg.expansion.regions import RegionSet
+
+        model, tau = self._region_model()
+        stored = self.store.regions(model, tau)
+        rows = [(q, stored[q.id]) for q in snap.queries if q.id in stored and q.id in snap.answers
+                and snap.answers[q.id].class_id is not None]
+        regions = RegionSet.empty(self.size)
+        if not rows:
+            return regions
+        width = regions.masks.shape[1]
+        masks = np.zeros((len(rows), width), dtype=np.uint8)
+        for i, (_, r) in enumerate(rows):
+            if r.kept and r.mask is not None:
+                masks[i] = np.packbits(_mask_from_png(r.mask, self.size).reshape(-1))
+        ints = lambda values: np.asarray(values, dtype=np.int64)  # noqa: E731
+        return RegionSet(self.size, ints([q.image_id for q, _ in rows]), ints([q.y for q, _ in rows]),
+                         ints([q.x for q, _ in rows]), ints([snap.answers[q.id].class_id for q, _ in rows]),
+                         ints([q.round for q, _ in rows]), np.asarray([r.score for _, r in rows], dtype=np.float32),
+                         np.asarray([r.kept for _, r in rows], dtype=bool), masks)
+
+    def resolved_regions(self, snap: Snapshot | None = None) -> tuple[RegionSet, Resolved] | None:
+        """The stored regions and their pixels after the overlap rule (every queried pixel, answered,
+        skipped or pending, counts as clicked); None without `expansion: sam`."""
+        if self.config.expansion != "sam":
+            return None
+        from sparseseg.expansion.regions import clicked_pixels, resolve
+
+        snap = snap or self.store.snapshot()
+        regions = self._region_set(snap)
+        ids = [torch.tensor([getattr(q, k) for q in snap.queries], dtype=torch.long) for k in ("image_id", "y", "x")]
+        return regions, resolve(regions, clicked_pixels(*ids, self.size))
 
     def head(self, snap: Snapshot | None = None, progress: Progress | None = None) -> tuple[torch.nn.Module | None, TrainResult | None]:
         """The head trained on every non-skip answer: head.pt when it is current, else trained and saved.
@@ -278,7 +408,16 @@ class Project:
         if len(cls) == 0:
             return None, None
         feats = self.features(progress)
-        fingerprint = self._fingerprint(image, y, x, cls)
+        extra, region_pixels = None, 0
+        if self.config.expansion == "sam":
+            from sparseseg.expansion.regions import training_pixels
+
+            self.expand_regions(progress)
+            regions, resolved = self.resolved_regions(snap)
+            sam = self.config.sam
+            extra = training_pixels(resolved, regions, sam.max_region_pixels, sam.region_weight, self.config.seed)
+            region_pixels = len(resolved)
+        fingerprint = self._fingerprint(image, y, x, cls, extra)
         path = self.root / HEAD_FILE
         z = feats.store.at_pixels(image, y, x, DETERMINISTIC)
         head, retrained = None, False
@@ -294,14 +433,21 @@ class Project:
                 head = None
         if head is None:
             seed = int(derived_generator(self.config.seed, "head", len(cls)).initial_seed())
-            head = train_head(z, cls, len(self.classes), self.config.head, seed, feats.device)
+            if extra is None:
+                head = train_head(z, cls, len(self.classes), self.config.head, seed, feats.device)
+            else:  # clicks weigh 1, each click's drawn region pixels share sam.region_weight
+                z_all = torch.cat([z, feats.store.at_pixels(extra.image, extra.y, extra.x, DETERMINISTIC)])
+                weights = torch.cat([torch.ones(len(cls)), extra.weight])
+                head = train_head(z_all, torch.cat([cls, extra.cls]), len(self.classes), self.config.head, seed,
+                                  feats.device, weights=weights)
             state = {"fingerprint": fingerprint, "state_dict": head.state_dict(), "classes": self.classes,
                      "feature_dim": feats.store.dim, "pixels": len(cls), "trained_at": now()}
             atomic_write(path, lambda tmp: torch.save(state, tmp))
             retrained = True
         accuracy = float((predict_proba(head, z).argmax(1) == cls).float().mean())
         seen = sorted({self.classes[c] for c in cls.tolist()})
-        return head, TrainResult(len(cls), seen, accuracy, retrained, path)
+        return head, TrainResult(len(cls), seen, accuracy, retrained, path, region_pixels,
+                                 len(extra) if extra is not None else 0)
 
     # ------------------------------------------------------------------ query
     def query(self, budget: int | None = None, force: bool = False, progress: Progress | None = None) -> QueryResult:
@@ -393,8 +539,13 @@ class Project:
         by_image: dict[str, list[tuple[int, int, int]]] = {}
         for q in queries:
             by_image.setdefault(q.image, []).append((q.id, q.y, q.x))
+        regions = self.resolved_regions()  # with expansion: the regions so far, tinted under the crosshairs
         for name, points in sorted(by_image.items()):
             rgb = np.asarray(read_rgb(self.root / DATA_DIR / SPLIT / "images" / f"{name}.png"))
+            if regions is not None:
+                from sparseseg.expansion.regions import tint_regions
+
+                rgb = tint_regions(rgb, regions[1], ids[name], palette, alpha=REVIEW_TINT)
             picture = crosshair_image(rgb, points)
             atomic_write(out / "review" / f"{name}.png", lambda tmp, p=picture: p.save(tmp, format="PNG"))
             paths.append(out / "review" / f"{name}.png")
@@ -427,8 +578,14 @@ class Project:
             resolved = self._resolve(path, parsed, self.store.snapshot(), replace, annotator)
             import_id = self.store.add_import(sha, str(path.resolve()), parsed.format, resolved.new, resolved.replace,
                                               resolved.unchanged, resolved.unanswered)
-        return ImportResult(parsed.format, len(resolved.new), resolved.unchanged, len(resolved.replace),
-                            resolved.unanswered, resolved.skips, import_id=import_id)
+        result = ImportResult(parsed.format, len(resolved.new), resolved.unchanged, len(resolved.replace),
+                              resolved.unanswered, resolved.skips, import_id=import_id)
+        if self.config.expansion == "sam":  # after the commit: a SAM problem never loses an import
+            try:
+                result.regions = self.expand_regions()
+            except SparsesegError as exc:
+                result.expansion_error = str(exc)
+        return result
 
     def _resolve(self, path: Path, parsed: ParsedFile, snap: Snapshot, replace: bool, annotator: str) -> _Resolved:
         """Check every raw answer against the queries, classes and stored answers; nothing is written here."""
@@ -575,4 +732,6 @@ class Project:
             "skipped": counts.get(None, 0),
             "imports": self.store.imports(),
             "head": str(head) if head.exists() else None,
+            "expansion": self.config.expansion,
+            "regions": self.store.region_counts(),
         }

@@ -10,6 +10,9 @@ Guarantees (see docs/annotation.md):
 
 Image ids are the images' positions in sorted name order (the order `load_split` reads them);
 class ids are line numbers of the classes file; a skip ("unsure") answer has class_id NULL.
+
+Schema history: version 1 had no `regions` table; version 2 adds it (SAM pixel-to-region expansion,
+docs/expansion.md). A version-1 database is upgraded in place, in one transaction, when opened.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from pathlib import Path
 from sparseseg.errors import SparsesegError
 
 DB_FILE = "annotations.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_S = 60.0
 # Test hook: seconds to sleep after each row written inside a transaction (announced on stderr),
 # so a test can kill a command in the middle of one. Unset in normal use.
@@ -90,6 +93,18 @@ CREATE TABLE answers (
     replaced_by INTEGER REFERENCES answers (id)
 );
 CREATE UNIQUE INDEX answers_one_current ON answers (query_id) WHERE current = 1;
+CREATE TABLE regions (
+    id         INTEGER PRIMARY KEY,
+    query_id   INTEGER NOT NULL REFERENCES queries (id),
+    model      TEXT NOT NULL,
+    tau        REAL NOT NULL,
+    score      REAL NOT NULL CHECK (score >= 0 AND score <= 1),
+    kept       INTEGER NOT NULL CHECK (kept IN (0, 1)),
+    pixels     INTEGER NOT NULL CHECK (pixels >= 0),
+    mask       BLOB,
+    created_at TEXT NOT NULL,
+    UNIQUE (query_id, model, tau)
+);
 CREATE VIEW labelled_pixels AS
     SELECT q.id AS query_id, i.name AS image, q.y, q.x, a.class_id, c.name AS class,
            a.class_id IS NULL AS skip, q.round, a.source, a.annotator, a.answered_at, a.import_id
@@ -99,6 +114,10 @@ CREATE VIEW labelled_pixels AS
     LEFT JOIN classes c ON c.id = a.class_id
     WHERE a.current = 1;
 """
+
+
+# Version 1 -> 2: the regions table (statements of SCHEMA that version 1 lacks).
+MIGRATIONS = {1: [stmt for stmt in SCHEMA.split(";\n") if stmt.strip().startswith("CREATE TABLE regions")]}
 
 
 def now() -> str:
@@ -162,6 +181,19 @@ class NewAnswer:
     answered_at: str
 
 
+@dataclass(frozen=True)
+class RegionRow:
+    """A click's SAM expansion under one (model, tau): its best mask's score and, when kept, the mask."""
+
+    query_id: int
+    model: str
+    tau: float
+    score: float  # predicted IoU of the best proposal, clamped to [0, 1]
+    kept: bool
+    pixels: int  # pixels of the kept mask (0 when not kept)
+    mask: bytes | None  # the kept mask as a 1-bit PNG of the project size; None when not kept
+
+
 @dataclass
 class Snapshot:
     """One consistent read of the project's rounds, queries and current answers."""
@@ -208,9 +240,25 @@ class AnnotationStore:
         except sqlite3.DatabaseError as exc:
             self.conn.close()
             raise SparsesegError(f"{self.path}: not a sparseseg project database ({exc})") from None
-        if version != SCHEMA_VERSION:
+        if version in MIGRATIONS:
+            self._migrate()
+        elif version != SCHEMA_VERSION:
             self.conn.close()
             raise SparsesegError(f"{self.path}: database schema version {version}, this sparseseg reads {SCHEMA_VERSION}")
+
+    def _migrate(self) -> None:
+        """Upgrade an older schema in place, all steps in one transaction (a concurrent opener waits,
+        then finds the new version and does nothing)."""
+        with self._transaction("BEGIN IMMEDIATE") as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            while version in MIGRATIONS:
+                for statement in MIGRATIONS[version]:
+                    conn.execute(statement)
+                version += 1
+            if version != SCHEMA_VERSION:
+                raise SparsesegError(f"{self.path}: database schema version {version}, this sparseseg reads "
+                                     f"{SCHEMA_VERSION}")
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @classmethod
     def create(cls, path: Path, project_id: str, classes: Sequence[str], images: Sequence[ImageRow],
@@ -316,6 +364,18 @@ class AnnotationStore:
         keys = [d[0] for d in cur.description]
         return [dict(zip(keys, row, strict=True)) for row in cur]
 
+    def regions(self, model: str, tau: float) -> dict[int, RegionRow]:
+        """Every stored expansion under (model, tau), by query id."""
+        cur = self.conn.execute("SELECT query_id, model, tau, score, kept, pixels, mask FROM regions "
+                                "WHERE model = ? AND tau = ?", (model, tau))
+        return {row[0]: RegionRow(row[0], row[1], row[2], row[3], bool(row[4]), row[5], row[6]) for row in cur}
+
+    def region_counts(self) -> list[dict]:
+        """Per (model, tau): clicks expanded, regions kept, their pixels."""
+        cur = self.conn.execute("SELECT model, tau, COUNT(*), SUM(kept), SUM(pixels) FROM regions "
+                                "GROUP BY model, tau ORDER BY MIN(id)")
+        return [{"model": m, "tau": t, "expanded": n, "kept": k or 0, "pixels": p or 0} for m, t, n, k, p in cur]
+
     def find_import(self, sha256: str) -> tuple[int, str, str] | None:
         """(id, file, time) of an earlier import of a file with these bytes, if any."""
         return self.conn.execute("SELECT id, file, imported_at FROM imports WHERE sha256 = ?", (sha256,)).fetchone()
@@ -374,6 +434,22 @@ class AnnotationStore:
             pause_for_tests("answer", row)
             row += 1
         return import_id
+
+    def add_regions(self, rows: Sequence[RegionRow]) -> int:
+        """Record SAM expansions; one already stored for the same (query, model, tau) is kept as it was.
+
+        Regions are derived from answers (SAM sees only the image and the click), so they do not
+        move the revision. Returns how many rows were new.
+        """
+        assert self.conn.in_transaction, "add_regions must run inside write()"
+        added = 0
+        for i, r in enumerate(rows):
+            cur = self.conn.execute(
+                "INSERT OR IGNORE INTO regions (query_id, model, tau, score, kept, pixels, mask, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (r.query_id, r.model, r.tau, r.score, int(r.kept), r.pixels, r.mask, now()))
+            added += cur.rowcount
+            pause_for_tests("region", i)
+        return added
 
     def _insert_answer(self, answer: NewAnswer, source: str, import_id: int) -> int:
         cur = self.conn.execute(

@@ -42,6 +42,7 @@ def train_head(
     config: HeadConfig,
     seed: int,
     device: str | torch.device = "cpu",
+    weights: torch.Tensor | None = None,
 ) -> nn.Sequential:
     """Train a fresh head on labelled pixels with cross-entropy.
 
@@ -53,6 +54,9 @@ def train_head(
         features: (n, D) float features of the labelled pixels.
         labels: (n,) class ids in [0, C).
         seed: fixes initialisation and batch order, so a round can be replayed exactly.
+        weights: (n,) non-negative per-pixel loss weights, or None (every pixel alike: the plain mean
+            cross-entropy, the paper's loss). With weights, a batch's loss is sum(w_i * CE_i) / sum(w_i),
+            so SAM region pixels can share one click's weight (docs/expansion.md).
 
     Returns:
         The trained head in eval mode, on `device`.
@@ -62,21 +66,26 @@ def train_head(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train(features, labels, num_classes, config, seed, device)
+        return _train(features, labels, num_classes, config, seed, device, weights)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(features, labels, num_classes, config, seed, device) -> nn.Sequential:
+def _train(features, labels, num_classes, config, seed, device, weights=None) -> nn.Sequential:
     if len(labels) == 0:
         raise ValueError("train_head needs at least one labelled pixel")
+    if weights is not None and weights.shape != labels.shape:
+        raise ValueError(f"train_head: weights of shape {tuple(weights.shape)} for {len(labels)} labels")
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     head = make_head(features.shape[1], num_classes, config.hidden, config.dropout).to(device)
     # BatchNorm needs two samples in a batch: with a single labelled pixel, show it twice.
     if len(labels) == 1:
         features, labels = features.repeat(2, 1), labels.repeat(2)
+        weights = weights.repeat(2) if weights is not None else None
     x, y = features.to(device), labels.to(device).long()
+    w = weights.to(device, torch.float32) if weights is not None else None
+    per_pixel = nn.CrossEntropyLoss(reduction="none")
     opt = torch.optim.Adam(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.t_max, eta_min=config.eta_min)
     loss_fn = nn.CrossEntropyLoss()
@@ -90,7 +99,10 @@ def _train(features, labels, num_classes, config, seed, device) -> nn.Sequential
             batches.pop()
         for idx in batches:
             logits = head(x[idx])
-            loss = loss_fn(logits, y[idx])
+            if w is None:
+                loss = loss_fn(logits, y[idx])
+            else:  # weighted mean; a batch of zero weights (never with clicks present) contributes nothing
+                loss = (per_pixel(logits, y[idx]) * w[idx]).sum() / w[idx].sum().clamp_min(1e-12)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -10,6 +10,8 @@ A run directory tells everything about a run:
     labels.csv         every labelled pixel so far
     previews/round_XX.png  picks and predictions on a few training images
     head.pt            the latest head (state dict + what it was trained on)
+    regions/round_XX.npz, .csv  with expansion=sam: each click's SAM region (masks bit-packed),
+                       score and whether it was kept, with the model and tau (docs/expansion.md)
 
 A round's line in rounds.jsonl is written last, after its other files: a round without a line is
 incomplete and is replayed on resume. Every random draw of round r is seeded by (seed, r, purpose),
@@ -27,12 +29,22 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sparseseg import __version__
 from sparseseg.config import ExperimentConfig, dump_config, load_config
 from sparseseg.data.dataset import Split, load_meta, load_split
 from sparseseg.errors import SparsesegError
+from sparseseg.expansion.regions import (
+    RegionSet,
+    Resolved,
+    TrainingPixels,
+    clicked_pixels,
+    expand_clicks,
+    resolve,
+    training_pixels,
+)
 from sparseseg.features.store import DETERMINISTIC, FeatureStore
 from sparseseg.head.mlp import predict_proba, train_head
 from sparseseg.io import atomic_write, atomic_write_text
@@ -114,6 +126,11 @@ class Experiment:
         self.strategy.check_budget(len(self.train.names), self.meta.size, self.budget)
         self.backbone = load_backbone(config, self.device)
         check_strategy(self.strategy, self.backbone, config.head.dropout)
+        self.expander = None
+        if config.expansion == "sam" and not self._finished_on_disk():
+            from sparseseg.expansion.registry import build_expander
+
+            self.expander = build_expander(config.sam, self.device)  # a missing SAM fails before any file is written
         feat = config.features
         # Most reuse is on the training side (noise samples of every image); the evaluation split
         # only needs its deterministic maps.
@@ -124,6 +141,9 @@ class Experiment:
         self._create_run_dir()
         self.records = self._read_records()
         self.labels = self._read_labels()
+        self.regions = self._read_regions()
+        self.resolved: Resolved | None = None  # region pixels after the overlap rule (expansion only)
+        self.region_training: TrainingPixels | None = None
         self.head = None
         self._label_feats = torch.empty(0, self.train_store.dim)
         if self.records:
@@ -148,10 +168,26 @@ class Experiment:
         elif self.out.exists() and any(self.out.iterdir()):
             raise SparsesegError(f"{self.out}: directory is not empty and holds no sparseseg run; choose another out")
 
+    def _finished_on_disk(self) -> bool:
+        """Whether the run directory already holds every round (then SAM need not be loaded)."""
+        path = self.out / "rounds.jsonl"
+        if not path.exists():
+            return False
+        done = 0
+        for line in path.read_text().splitlines():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError:
+                break  # a torn line is an unfinished round
+            done += 1
+        return done >= self.config.rounds
+
     def _create_run_dir(self) -> None:
         """Written only once data and backbone have loaded, so a typo leaves no stale config behind."""
         (self.out / "picks").mkdir(parents=True, exist_ok=True)
         (self.out / "previews").mkdir(exist_ok=True)
+        if self.config.expansion == "sam":
+            (self.out / "regions").mkdir(exist_ok=True)
         atomic_write_text(self.out / "config.yaml", dump_config(self.config))
 
     def _load(self, split: str, need_masks: bool) -> Split:
@@ -181,6 +217,15 @@ class Experiment:
             return PixelLabels()
         return PixelLabels.read_csv(path, self.train.names).upto(self.completed)
 
+    def _read_regions(self) -> RegionSet:
+        """The regions of every finished round (expansion only; empty otherwise)."""
+        regions = RegionSet.empty(self.meta.size)
+        if self.config.expansion != "sam":
+            return regions
+        for r in range(1, self.completed + 1):
+            regions = regions.concat(RegionSet.load_npz(self.out / "regions" / f"round_{r:02d}.npz")[0])
+        return regions
+
     def _write_meta(self) -> None:
         info = {
             "sparseseg_version": __version__,
@@ -203,6 +248,11 @@ class Experiment:
                          "maps": [vars(i) for i in self.backbone.feature_info]},
             "budget_per_round": self.budget,
         }
+        if self.config.expansion == "sam":
+            from sparseseg.expansion.registry import describe
+
+            info["expansion"] = {"method": "sam", "model": describe(self.config.sam),
+                                 **self.config.sam.model_dump(mode="json")}
         atomic_write_text(self.out / "meta.json", json.dumps(info, indent=2))
 
     # ------------------------------------------------------------------ helpers
@@ -236,8 +286,24 @@ class Experiment:
             self.head = None
             return
         seed = int(derived_generator(self.config.seed, "head", round).initial_seed())
-        self.head = train_head(self._label_feats[keep], self.labels.cls[keep], len(self.class_names),
-                               self.config.head, seed, self.device)
+        if self.config.expansion != "sam":
+            self.head = train_head(self._label_feats[keep], self.labels.cls[keep], len(self.class_names),
+                                   self.config.head, seed, self.device)
+            return
+        # Regions: the overlap rule over every round's regions, then at most R pixels per click,
+        # sharing weight w (docs/expansion.md). Their features are read afresh each round.
+        sam = self.config.sam
+        lab = self.labels
+        regions = self.regions.upto(round)
+        self.resolved = resolve(regions, clicked_pixels(lab.image, lab.y, lab.x, self.meta.size))
+        self.region_training = extra = training_pixels(self.resolved, regions, sam.max_region_pixels,
+                                                       sam.region_weight, self.config.seed)
+        feats = self._label_feats[keep]
+        if len(extra):
+            feats = torch.cat([feats, self.train_store.at_pixels(extra.image, extra.y, extra.x, DETERMINISTIC)])
+        weights = torch.cat([torch.ones(int(keep.sum())), extra.weight])
+        self.head = train_head(feats, torch.cat([lab.cls[keep], extra.cls]), len(self.class_names),
+                               self.config.head, seed, self.device, weights=weights)
 
     def predict(self, store: FeatureStore, image: int) -> torch.Tensor:
         """(S, S) predicted class ids of one image, computed tile by tile."""
@@ -263,6 +329,14 @@ class Experiment:
         # 2. the oracle answers from the ground-truth mask (void stays void: budget spent, not trained on)
         answers = self.train.masks[picks.image, picks.y, picks.x].long()
         self.labels.add(picks.image, picks.y, picks.x, answers, r)
+        # 2b. with expansion, each answered click is one SAM point prompt; its kept region inherits the
+        #     answer (regions are computed on the training images at the working resolution)
+        new_regions = None
+        if self.config.expansion == "sam":
+            with self._phase(timings, "expand"):
+                new_regions = expand_clicks(self.expander, self.train.images, picks.image, picks.y, picks.x, answers,
+                                            r, self.config.sam.tau, self._tick("expanding"))
+            self.regions = self.regions.upto(r - 1).concat(new_regions)
         # 3. retrain the head on every labelled pixel (features of new ones extracted once)
         with self._phase(timings, "train"):
             self._retrain(r)
@@ -277,15 +351,37 @@ class Experiment:
             "labelled": len(self.labels),
             "trainable": int(self.labels.trainable().sum()),
             "void_answers": int((answers == IGNORE).sum()),
+            **self._expansion_counts(new_regions),
             **metrics,
             "selection": picks.info,
             "phases": timings,
         }
-        self._write_round(r, record)
+        self._write_round(r, record, new_regions)
         return StepResult(r, record, r >= self.config.rounds)
 
-    def _write_round(self, r: int, record: dict) -> None:
+    def _expansion_counts(self, new: RegionSet | None) -> dict:
+        """Click parity in numbers: clicks spent, and pixels supervised by clicks and regions together."""
+        if new is None:
+            return {}
+        region_pixels = len(self.resolved) if self.resolved is not None else 0
+        trainable = int(self.labels.trainable().sum())
+        expanded = ~np.isnan(new.score)
+        return {
+            "clicks": len(self.labels),
+            "supervised_pixels": trainable + region_pixels,
+            "region_pixels": region_pixels,
+            "training_region_pixels": len(self.region_training) if self.region_training is not None else 0,
+            "regions": {"expanded": int(expanded.sum()), "kept": int(new.kept.sum()),
+                        "mean_score": round(float(new.score[expanded].mean()), 4) if expanded.any() else None,
+                        "kept_pixels": int(new.pixels().sum())},
+        }
+
+    def _write_round(self, r: int, record: dict, new_regions: RegionSet | None = None) -> None:
         names, classes = self.train.names, self.class_names
+        if new_regions is not None:
+            path = self.out / "regions" / f"round_{r:02d}.npz"
+            new_regions.save_npz(path, self.expander.name, self.config.sam.tau)
+            new_regions.write_csv(path.with_suffix(".csv"), names, classes)
         self.labels.subset(self.labels.round == r).write_csv(self.out / "picks" / f"round_{r:02d}.csv", names, classes)
         self.labels.write_csv(self.out / "labels.csv", names, classes)
         if self.config.preview_images:

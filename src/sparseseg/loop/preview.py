@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from sparseseg.expansion.regions import tint_regions
 from sparseseg.io import atomic_write
 from sparseseg.labels import IGNORE
 
@@ -27,7 +28,8 @@ def colourise(mask: torch.Tensor, palette: list[list[int]]) -> np.ndarray:
 
 def save_preview(path: Path, exp: Experiment, round: int) -> None:
     """One row per preview image: image with all picks (this round's ringed in white), the
-    prediction of the current head, and the ground truth."""
+    prediction of the current head, and the ground truth. With SAM expansion, the region pixels
+    (after the overlap rule) are tinted with their class colour under the picks."""
     labels = exp.labels
     new = labels.image[labels.round == round].unique().tolist()
     shown = (new + [i for i in range(len(exp.train.names)) if i not in new])[: exp.config.preview_images]
@@ -37,12 +39,17 @@ def save_preview(path: Path, exp: Experiment, round: int) -> None:
     header = 18
     sheet = Image.new("RGB", (3 * side + 20, header + len(shown) * (side + 10)), "white")
     titles = ImageDraw.Draw(sheet)
-    for col, title in enumerate((f"picks (round {round}: white rings)", "prediction", "ground truth")):
+    resolved = getattr(exp, "resolved", None)
+    first = f"picks (round {round}: white rings)" + (", regions tinted" if resolved is not None else "")
+    for col, title in enumerate((first, "prediction", "ground truth")):
         titles.text((col * (side + 10) + 2, 3), title, fill="black")
     palette = [list(c) for c in exp.meta.palette]
     for row, img in enumerate(shown):
         top = header + row * (side + 10)
-        picture = Image.fromarray(exp.train.images[img].numpy()).resize((side, side), Image.NEAREST)
+        pixels = exp.train.images[img].numpy()
+        if resolved is not None:
+            pixels = tint_regions(pixels, resolved, img, palette)
+        picture = Image.fromarray(pixels).resize((side, side), Image.NEAREST)
         draw = ImageDraw.Draw(picture)
         mine = (labels.image == img).nonzero().flatten().tolist()
         for j in mine:
