@@ -27,6 +27,7 @@ from rich.table import Table
 from sparseseg.annotate.cli import register as register_annotate
 from sparseseg.compare_cli import register as register_compare
 from sparseseg.errors import SparsesegError
+from sparseseg.scribblegen.cli import register as register_scribblegen
 
 app = typer.Typer(help="Choose the few pixels worth labelling: diffusion-driven two-stage active learning.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -279,6 +280,7 @@ def demo(
 
 
 register_compare(app)  # `compare` and `supervised` (sparseseg.compare_cli)
+register_scribblegen(app)  # `scribbles` and `scribblegen` (sparseseg.scribbles, sparseseg.scribblegen)
 register_annotate(app)  # `init`, `query`, `import`, `export`, `train`, `predict`, `status` (sparseseg.annotate)
 
 

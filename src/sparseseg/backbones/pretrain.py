@@ -82,6 +82,35 @@ def pretrain_flags(channels: int) -> ADMFlags:
     )
 
 
+def list_images(images_dir: str | Path) -> list[Path]:
+    """The image files directly inside a folder, in sorted name order.
+
+    Raises:
+        SparsesegError: missing folder or no images.
+    """
+    folder = Path(images_dir)
+    if not folder.is_dir():
+        raise SparsesegError(f"{folder}: not a folder")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise SparsesegError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+    return files
+
+
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, ema_decay: float) -> None:
+    """One EMA step with the warmed-up decay min(ema_decay, (1 + step) / (10 + step))."""
+    decay = min(ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+            e.lerp_(p, 1 - decay)
+
+
+def write_losses_csv(out: Path, losses: list[tuple[int, float]]) -> None:
+    """`<out>.losses.csv` (step,loss), atomically."""
+    csv = "step,loss\n" + "".join(f"{s},{v:.6f}\n" for s, v in losses)
+    atomic_write(out.with_name(out.name + ".losses.csv"), lambda p: p.write_text(csv))
+
+
 def load_image_folder(images_dir: str | Path, size: int) -> torch.Tensor:
     """Reads every image directly inside a folder, as RGB, bilinearly resized to size x size.
 
@@ -95,14 +124,8 @@ def load_image_folder(images_dir: str | Path, size: int) -> torch.Tensor:
     Raises:
         SparsesegError: missing folder, no images, or an unreadable image (named).
     """
-    folder = Path(images_dir)
-    if not folder.is_dir():
-        raise SparsesegError(f"{folder}: not a folder")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise SparsesegError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
     arrays = []
-    for f in files:
+    for f in list_images(images_dir):
         try:
             with Image.open(f) as im:
                 arrays.append(np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR)))
@@ -231,8 +254,7 @@ def pretrain_adm(
             "losses": losses,
         }
         atomic_write(out, lambda p: torch.save(state, p))
-        csv = "step,loss\n" + "".join(f"{s},{v:.6f}\n" for s, v in losses)
-        atomic_write(out.with_name(out.name + ".losses.csv"), lambda p: p.write_text(csv))
+        write_losses_csv(out, losses)
         if samples > 0:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 grid = schedule.ddim_sample(ema, (samples, 3, size, size), steps=sample_steps,
@@ -253,10 +275,7 @@ def pretrain_adm(
         loss.backward()
         opt.step()
         step += 1
-        decay = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-                e.lerp_(p, 1 - decay)
+        ema_update(ema, model, step, ema_decay)
 
         value = loss.item()
         window.append(value)
