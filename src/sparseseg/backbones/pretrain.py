@@ -111,6 +111,48 @@ def write_losses_csv(out: Path, losses: list[tuple[int, float]]) -> None:
     atomic_write(out.with_name(out.name + ".losses.csv"), lambda p: p.write_text(csv))
 
 
+def train_steps(
+    model: torch.nn.Module,
+    ema: torch.nn.Module | None,
+    opt: torch.optim.Optimizer,
+    step: int,
+    steps: int,
+    batch_loss: Callable[[], torch.Tensor],
+    save: Callable[[int], None],
+    losses: list[tuple[int, float]],
+    ema_decay: float,
+    checkpoint_every: int,
+    device: torch.device,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> None:
+    """The optimisation loop shared by the diffusion trainers: from `step` to `steps`.
+
+    Each step computes `batch_loss()` (under bf16 autocast on CUDA), takes an optimiser step and
+    an EMA step (none when `ema` is None), appends the mean loss of every LOSS_EVERY steps to `losses`, and calls
+    `save(step)` every `checkpoint_every` steps and at the end.
+    """
+    model.train()
+    window: list[float] = []
+    while step < steps:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = batch_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if ema is not None:
+            ema_update(ema, model, step, ema_decay)
+        value = loss.item()
+        window.append(value)
+        if step % LOSS_EVERY == 0 or step == steps:
+            losses.append((step, sum(window) / len(window)))
+            window.clear()
+        if progress is not None:
+            progress(step, steps, value)
+        if step % checkpoint_every == 0 or step == steps:
+            save(step)
+
+
 def load_image_folder(images_dir: str | Path, size: int) -> torch.Tensor:
     """Reads every image directly inside a folder, as RGB, bilinearly resized to size x size.
 
@@ -241,7 +283,7 @@ def pretrain_adm(
     out.parent.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
 
-    def save() -> None:
+    def save(step: int) -> None:
         state = {
             "sparseseg_adm": 1,
             "flags": flags.model_dump(),
@@ -262,28 +304,12 @@ def pretrain_adm(
             save_sample_grid(grid, out.with_name(out.name + ".samples.png"))
 
     # 2. Train.
-    model.train()
-    window: list[float] = []
-    while step < steps:
+    def batch_loss() -> torch.Tensor:
         idx = torch.randint(len(data), (batch_size,), generator=gen)
         x0 = images_to_model_input(data[idx].permute(0, 2, 3, 1))
         flip = torch.rand(batch_size, generator=gen) < 0.5
         x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = schedule.training_loss(model, x0, generator=gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        ema_update(ema, model, step, ema_decay)
+        return schedule.training_loss(model, x0, generator=gen)
 
-        value = loss.item()
-        window.append(value)
-        if step % LOSS_EVERY == 0 or step == steps:
-            losses.append((step, sum(window) / len(window)))
-            window.clear()
-        if progress is not None:
-            progress(step, steps, value)
-        if step % checkpoint_every == 0 or step == steps:
-            save()
+    train_steps(model, ema, opt, step, steps, batch_loss, save, losses, ema_decay, checkpoint_every, device, progress)
     return out

@@ -39,12 +39,11 @@ from torch import nn
 from sparseseg.backbones.adm import ADMFlags, ADMUNet, TimestepEmbedSequential
 from sparseseg.backbones.diffusion import NoiseSchedule
 from sparseseg.backbones.pretrain import (
-    LOSS_EVERY,
     default_settings,
-    ema_update,
     list_images,
     load_image_folder,
     pretrain_flags,
+    train_steps,
     write_losses_csv,
 )
 from sparseseg.data.dataset import (
@@ -361,7 +360,7 @@ def train_scribblegen(
     out.parent.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
 
-    def save() -> None:
+    def save(step: int) -> None:
         state = {"sparseseg_scribblegen": FORMAT, "flags": flags.model_dump(), "num_classes": len(classes),
                  "classes": classes, "palette": palette, "input_size": size, "p_uncond": p_uncond,
                  "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
@@ -380,30 +379,15 @@ def train_scribblegen(
                               palette, out.with_name(out.name + ".samples.png"))
 
     # 2. Train.
-    model.train()
-    window: list[float] = []
-    while step < steps:
+    def batch_loss() -> torch.Tensor:
         idx = torch.randint(len(images), (batch_size,), generator=gen)
         x0 = images_to_model_input(images[idx].permute(0, 2, 3, 1))
         cond = encode_scribbles(scribbles[idx], len(classes))
         flip = (torch.rand(batch_size, generator=gen) < 0.5)[:, None, None, None]
         x0, cond = torch.where(flip, x0.flip(3), x0).to(device), torch.where(flip, cond.flip(3), cond).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = conditional_loss(model, schedule, x0, cond, p_uncond, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        ema_update(ema, model, step, ema_decay)
-        value = loss.item()
-        window.append(value)
-        if step % LOSS_EVERY == 0 or step == steps:
-            losses.append((step, sum(window) / len(window)))
-            window.clear()
-        if progress is not None:
-            progress(step, steps, value)
-        if step % checkpoint_every == 0 or step == steps:
-            save()
+        return conditional_loss(model, schedule, x0, cond, p_uncond, gen)
+
+    train_steps(model, ema, opt, step, steps, batch_loss, save, losses, ema_decay, checkpoint_every, device, progress)
     return out
 
 

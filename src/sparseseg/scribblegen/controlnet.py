@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from sparseseg.backbones.diffusion import NoiseSchedule
-from sparseseg.backbones.pretrain import LOSS_EVERY
+from sparseseg.backbones.pretrain import train_steps
 from sparseseg.data.dataset import IGNORE_INDEX, images_to_model_input
 from sparseseg.errors import SparsesegError
 from sparseseg.io import atomic_write, atomic_write_text
@@ -256,35 +256,24 @@ def train_controlnet(
     gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
     prompts = [scribble_prompt(s, classes) for s in scribbles.numpy()]
 
-    def save() -> None:
+    def save(step: int) -> None:
         _save_controlnet(parts.controlnet, out)
         state = {"sparseseg_controlnet": FORMAT, "classes": classes, "size": int(images.shape[-1]),
                  "p_uncond": p_uncond, "optimizer": opt.state_dict(), "step": step, "seed": seed, "losses": losses}
         atomic_write(state_path, lambda p: torch.save(state, p))
         atomic_write_text(out / "losses.csv", "step,loss\n" + "".join(f"{s},{v:.6f}\n" for s, v in losses))
 
-    parts.controlnet.train()
-    window: list[float] = []
-    while step < steps:
+    def batch_loss() -> torch.Tensor:
         idx = torch.randint(len(images), (batch_size,), generator=gen)
         x0 = images_to_model_input(images[idx].permute(0, 2, 3, 1))
         cond = encode_scribbles(scribbles[idx], len(classes))
         flip = (torch.rand(batch_size, generator=gen) < 0.5)[:, None, None, None]
         x0, cond = torch.where(flip, x0.flip(3), x0).to(device), torch.where(flip, cond.flip(3), cond).to(device)
         text = encode_prompts([prompts[i] for i in idx.tolist()]).to(device)
-        loss = parts.loss(x0, cond, text, p_uncond, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        window.append(loss.item())
-        if step % LOSS_EVERY == 0 or step == steps:
-            losses.append((step, sum(window) / len(window)))
-            window.clear()
-        if progress is not None:
-            progress(step, steps, window[-1] if window else losses[-1][1])
-        if step % checkpoint_every == 0 or step == steps:
-            save()
+        return parts.loss(x0, cond, text, p_uncond, gen)
+
+    train_steps(parts.controlnet, None, opt, step, steps, batch_loss, save, losses, 0.0, checkpoint_every, device,
+                progress)
     parts.controlnet.eval()
     return out
 
