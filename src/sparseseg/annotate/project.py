@@ -67,10 +67,10 @@ from sparseseg.data.dataset import (
     save_meta,
 )
 from sparseseg.data.prepare import (
-    IMAGE_SUFFIXES,
     _check_size,
     _Job,
     _run_jobs,
+    images_by_stem,
     read_classes_file,
     staged_output,
 )
@@ -117,20 +117,6 @@ def _mask_from_png(data: bytes, size: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- init
-def _list_images(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise SparsesegError(f"{folder}: images folder not found")
-    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise SparsesegError(f"{folder}: no images found ({'/'.join(s[1:] for s in IMAGE_SUFFIXES)})")
-    seen: dict[str, Path] = {}
-    for p in paths:
-        if p.stem in seen:
-            raise SparsesegError(f"{p}: two images share the stem {p.stem!r} ({seen[p.stem].name})")
-        seen[p.stem] = p
-    return sorted(paths, key=lambda p: p.stem)
-
-
 def _image_size(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as im:
@@ -173,7 +159,8 @@ def init_project(root: Path, images: Path, classes_file: Path, size: int = 256, 
         raise SparsesegError(f"{config.backbone.checkpoint}: backbone checkpoint not found")
     if config.expansion == "sam" and config.sam.checkpoint is not None and not config.sam.checkpoint.exists():
         raise SparsesegError(f"{config.sam.checkpoint}: SAM checkpoint not found (sam.checkpoint)")
-    paths = _list_images(Path(images))
+    by_stem = images_by_stem(Path(images))
+    paths = [by_stem[stem] for stem in sorted(by_stem)]
     rows = [ImageRow(i, p.stem, str(p.resolve()), *_image_size(p)) for i, p in enumerate(paths)]
     with staged_output(root) as tmp:
         data = tmp / DATA_DIR

@@ -400,6 +400,25 @@ def _split_names(stems: list[str], test_fraction: float, seed: int) -> tuple[lis
     return train, test
 
 
+def images_by_stem(folder: Path) -> dict[str, Path]:
+    """The image files directly inside `folder`, keyed by file stem (the name labels refer to).
+
+    Raises:
+        SparsesegError: no folder, no images, or two images with the same stem (named).
+    """
+    if not folder.is_dir():
+        raise SparsesegError(f"{folder}: folder not found")
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise SparsesegError(f"{folder}: no images found ({'/'.join(s[1:] for s in IMAGE_SUFFIXES)})")
+    by_stem: dict[str, Path] = {}
+    for p in paths:
+        if p.stem in by_stem:
+            raise SparsesegError(f"{p}: two images share the stem {p.stem!r} ({by_stem[p.stem].name})")
+        by_stem[p.stem] = p
+    return by_stem
+
+
 def prepare_folder(
     images: Path,
     masks: Path,
@@ -451,14 +470,7 @@ def prepare_folder(
     for folder in (images, masks):
         if not folder.is_dir():
             raise SparsesegError(f"{folder}: folder not found")
-    image_paths = sorted(p for p in images.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not image_paths:
-        raise SparsesegError(f"{images}: no images found ({'/'.join(s[1:] for s in IMAGE_SUFFIXES)})")
-    by_stem: dict[str, Path] = {}
-    for p in image_paths:
-        if p.stem in by_stem:
-            raise SparsesegError(f"{p}: two images share the stem {p.stem!r} ({by_stem[p.stem].name})")
-        by_stem[p.stem] = p
+    by_stem = images_by_stem(images)
     mask_by_stem = {p.stem: p for p in masks.iterdir() if p.is_file() and p.suffix.lower() == ".png"}
     missing = [by_stem[s].name for s in sorted(by_stem) if s not in mask_by_stem]
     if missing:
