@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from sparseseg.backbones.adm import ADMFlags, ADMUNet
 from sparseseg.backbones.base import FeatureInfo
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -37,3 +38,13 @@ class ToyBackbone:
         x = images if noise is None else images + 0.3 * noise
         return [nn.functional.avg_pool2d(conv(x), info.reduction) if info.reduction > 1 else conv(x)
                 for conv, info in zip(self.convs, self.feature_info, strict=True)]
+
+
+def save_tiny_adm(path: Path, input_size: int) -> Path:
+    """A random 32-channel ADM (the ADM-256 architecture, seed 0) saved as a pretrain checkpoint."""
+    flags = ADMFlags(image_size=256, num_channels=32, num_head_channels=16, learn_sigma=True, resblock_updown=True,
+                     use_scale_shift_norm=True, attention_resolutions="32,16,8")
+    torch.manual_seed(0)
+    torch.save({"sparseseg_adm": 1, "flags": flags.model_dump(), "model": ADMUNet(flags).state_dict(), "ema": None,
+                "input_size": input_size}, path)
+    return path

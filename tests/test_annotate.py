@@ -22,17 +22,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from typer.testing import CliRunner
 
 from sparseseg.annotate.coords import from_percent, from_pixels, to_percent, to_pixels
 from sparseseg.annotate.project import Project, init_project, round_dir
 from sparseseg.annotate.store import DB_FILE, PAUSE_ENV
-from sparseseg.backbones.adm import ADMFlags, ADMUNet
 from sparseseg.cli import app
 from sparseseg.data.synthetic import SYNTHETIC_CLASSES, make_synthetic
 from sparseseg.errors import SparsesegError
+from tests.conftest import save_tiny_adm
 
 SIZE = 32
 SETTINGS = ["budget=4", "strategy.candidates_per_image=64", "strategy.k_per_image=5", "features.noise_samples=2",
@@ -48,12 +47,7 @@ def world(tmp_path_factory):
     make_synthetic(root / "synthetic", n_train=6, n_test=1, size=SIZE, seed=3)
     images = root / "synthetic" / "train" / "images"
     (root / "classes.txt").write_text("\n".join(SYNTHETIC_CLASSES) + "\n")
-    flags = ADMFlags(image_size=256, num_channels=32, num_head_channels=16, learn_sigma=True, resblock_updown=True,
-                     use_scale_shift_norm=True, attention_resolutions="32,16,8")
-    torch.manual_seed(0)
-    ckpt = root / "adm.pt"
-    torch.save({"sparseseg_adm": 1, "flags": flags.model_dump(), "model": ADMUNet(flags).state_dict(), "ema": None,
-                "input_size": SIZE}, ckpt)
+    ckpt = save_tiny_adm(root / "adm.pt", SIZE)
     masks = {p.stem: np.asarray(Image.open(p)) for p in (root / "synthetic" / "train" / "masks").iterdir()}
     return {"root": root, "images": images, "classes": root / "classes.txt", "ckpt": ckpt, "masks": masks}
 

@@ -11,7 +11,6 @@ import torch
 from typer.testing import CliRunner
 
 from sparseseg import paper
-from sparseseg.backbones.adm import ADMFlags, ADMUNet
 from sparseseg.cli import app
 from sparseseg.compare import (
     Comparison,
@@ -29,6 +28,7 @@ from sparseseg.data.synthetic import make_synthetic
 from sparseseg.errors import SparsesegError
 from sparseseg.labels import IGNORE
 from sparseseg.loop.supervised import read_supervised, sample_dense_pixels, train_supervised
+from tests.conftest import save_tiny_adm
 
 runner = CliRunner()
 SIZE = 32
@@ -39,11 +39,7 @@ def setup(tmp_path_factory):
     """A config file over 6 + 2 synthetic images and a random 32-channel ADM: a run takes ~2 s."""
     root = tmp_path_factory.mktemp("compare")
     make_synthetic(root / "data", n_train=6, n_test=2, size=SIZE, seed=0)
-    flags = ADMFlags(image_size=256, num_channels=32, num_head_channels=16, learn_sigma=True, resblock_updown=True,
-                     use_scale_shift_norm=True, attention_resolutions="32,16,8")
-    torch.manual_seed(0)
-    torch.save({"sparseseg_adm": 1, "flags": flags.model_dump(), "model": ADMUNet(flags).state_dict(), "ema": None,
-                "input_size": SIZE}, root / "adm.pt")
+    save_tiny_adm(root / "adm.pt", SIZE)
     config = root / "tiny.yaml"
     config.write_text("data: data\nbackbone: {checkpoint: adm.pt}\nrounds: 2\nbudget: 2\npreview_images: 0\n"
                       "strategy: {candidates_per_image: 48, k_per_image: 5}\nfeatures: {noise_samples: 2}\n"

@@ -24,7 +24,6 @@ from PIL import Image
 from sparseseg.annotate.project import Project, init_project, round_dir
 from sparseseg.annotate.review import crosshair_image
 from sparseseg.annotate.store import DB_FILE, SCHEMA_VERSION
-from sparseseg.backbones.adm import ADMFlags, ADMUNet
 from sparseseg.compare import Comparison, StrategyResult, plan_comparison, render_markdown
 from sparseseg.config import HeadConfig, SamExpansionConfig, dump_config, load_config
 from sparseseg.data.dataset import read_rgb
@@ -37,6 +36,7 @@ from sparseseg.expansion.sam_hf import TransformersSam
 from sparseseg.head.mlp import train_head
 from sparseseg.labels import IGNORE
 from sparseseg.loop.experiment import Experiment
+from tests.conftest import save_tiny_adm
 
 transformers = pytest.importorskip("transformers")
 
@@ -62,11 +62,7 @@ def world(tmp_path_factory):
     """Synthetic scenes, a tiny random ADM, and a tiny random SAM saved as a transformers folder."""
     root = tmp_path_factory.mktemp("expansion")
     make_synthetic(root / "data", n_train=6, n_test=2, size=SIZE, seed=0)
-    flags = ADMFlags(image_size=256, num_channels=32, num_head_channels=16, learn_sigma=True, resblock_updown=True,
-                     use_scale_shift_norm=True, attention_resolutions="32,16,8")
-    torch.manual_seed(0)
-    torch.save({"sparseseg_adm": 1, "flags": flags.model_dump(), "model": ADMUNet(flags).state_dict(), "ema": None,
-                "input_size": SIZE}, root / "adm.pt")
+    save_tiny_adm(root / "adm.pt", SIZE)
     tiny_sam_model().save_pretrained(root / "sam")
     return root
 

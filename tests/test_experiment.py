@@ -3,13 +3,12 @@
 import json
 
 import pytest
-import torch
 
-from sparseseg.backbones.adm import ADMFlags, ADMUNet
 from sparseseg.config import load_config
 from sparseseg.data.synthetic import make_synthetic
 from sparseseg.errors import SparsesegError
 from sparseseg.loop.experiment import Experiment
+from tests.conftest import save_tiny_adm
 
 SIZE = 32
 
@@ -18,13 +17,7 @@ SIZE = 32
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("exp")
     make_synthetic(root / "data", n_train=6, n_test=2, size=SIZE, seed=0)
-    flags = ADMFlags(image_size=256, num_channels=32, num_head_channels=16, learn_sigma=True, resblock_updown=True,
-                     use_scale_shift_norm=True, attention_resolutions="32,16,8")
-    torch.manual_seed(0)
-    model = ADMUNet(flags)
-    ckpt = root / "adm.pt"
-    torch.save({"sparseseg_adm": 1, "flags": flags.model_dump(), "model": model.state_dict(), "ema": None,
-                "input_size": SIZE}, ckpt)
+    ckpt = save_tiny_adm(root / "adm.pt", SIZE)
     return root, ckpt
 
 

@@ -21,14 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from sparseseg.annotate.coords import from_percent
 from sparseseg.annotate.export import MODEL_VERSION
 from sparseseg.annotate.project import Project, init_project, round_dir
-from sparseseg.backbones.adm import ADMFlags, ADMUNet
 from sparseseg.data.synthetic import SYNTHETIC_CLASSES, make_synthetic
+from tests.conftest import save_tiny_adm
 
 pytestmark = pytest.mark.labelstudio
 
@@ -118,11 +117,7 @@ def server(tmp_path_factory):
 def _make_project(root: Path) -> tuple[Project, dict[str, np.ndarray]]:
     make_synthetic(root / "synthetic", n_train=4, n_test=1, size=SIZE, seed=5)
     (root / "classes.txt").write_text("\n".join(SYNTHETIC_CLASSES) + "\n")
-    flags = ADMFlags(image_size=256, num_channels=32, num_head_channels=16, learn_sigma=True, resblock_updown=True,
-                     use_scale_shift_norm=True, attention_resolutions="32,16,8")
-    torch.manual_seed(0)
-    torch.save({"sparseseg_adm": 1, "flags": flags.model_dump(), "model": ADMUNet(flags).state_dict(), "ema": None,
-                "input_size": SIZE}, root / "adm.pt")
+    save_tiny_adm(root / "adm.pt", SIZE)
     proj = init_project(root / "project", root / "synthetic" / "train" / "images", root / "classes.txt", size=SIZE,
                         backbone={"checkpoint": str(root / "adm.pt")},
                         overrides=[f"budget={BUDGET}", "strategy.candidates_per_image=64", "strategy.k_per_image=5",
