@@ -25,7 +25,16 @@ from sparseseg.scribblegen.adm import (
     start_timestep,
     train_scribblegen,
 )
-from sparseseg.scribblegen.augment import REAL, current_dataset, epoch_sources, evaluate_scheme
+from sparseseg.scribblegen.augment import (
+    REAL,
+    SchemeSpec,
+    current_dataset,
+    epoch_sources,
+    evaluate_scheme,
+    evaluate_schemes,
+    standard_schemes,
+)
+from sparseseg.scribblegen.compare import compare_schemes, read_results
 from sparseseg.scribbles.io import write_classes, write_scribble_map
 
 C = 3
@@ -175,6 +184,32 @@ def test_trains_resumes_and_generates(tmp_path):
         assert grid.size == (3 * 34, 3 * 34)
 
 
+def test_init_from_an_unconditional_adm_starts_as_that_adm(tmp_path):
+    from tests.conftest import save_tiny_adm
+
+    base_path = save_tiny_adm(tmp_path / "base.pt", 32)
+    from sparseseg.backbones.adm import load_adm
+
+    base, flags = load_adm(base_path)
+    torch.nn.init.normal_(base.out[-1].weight, std=0.05)  # a non-zero output, so the check can fail
+    model = ScribbleADM(flags, C).eval()
+    model.load_unconditional(base)
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([10, 700])
+    with torch.no_grad():
+        expected = base(x, t)
+        for scribble in (_scribbles(), torch.full((2, 32, 32), 255, dtype=torch.uint8)):
+            torch.testing.assert_close(model(x, t, encode_scribbles(scribble, C)), expected, rtol=0, atol=0)
+    # through training: the checkpoint adopts the base architecture and its width is checked
+    images, scribbles = _pairs(tmp_path)
+    out = train_scribblegen(images, scribbles, tmp_path / "g.pt", steps=1, size=32, batch_size=2, device="cpu",
+                            samples=0, init=base_path)
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["flags"] == flags.model_dump()
+    assert ckpt["model"]["unet.input_blocks.0.0.weight"].shape[1] == 3 + C + 1
+    with pytest.raises(SparsesegError, match="has 32 base channels, not --channels 64"):
+        train_scribblegen(images, scribbles, tmp_path / "h.pt", steps=1, size=32, channels=64, init=base_path)
+
+
 # ------------------------------------------------------------------------------------ schemes
 
 
@@ -235,6 +270,90 @@ def test_evaluate_scheme_trains_on_scribbles_and_twins(tmp_path):
     bad.mkdir()
     with pytest.raises(SparsesegError, match="scribble map missing"):
         evaluate_scheme(config, bad, backbone=ToyBackbone(16))
+
+
+def test_standard_schemes_follow_the_paper():
+    arms = standard_schemes(["lambda_0.30", "lambda_0.60", "lambda_1.00"], epochs=90, p=0.5)
+    assert [(a.label, a.scheme, a.datasets) for a in arms] == [
+        ("real only", "none", ()),
+        ("fixed lambda_0.30", "sample", (0,)), ("fixed lambda_0.60", "sample", (1,)),
+        ("fixed lambda_1.00", "sample", (2,)),
+        ("uniform lambda", "sample", (0, 1, 2)),
+        ("adaptive lambda", "curriculum", (0, 1, 2)),
+        ("append", "append", (0, 1, 2)),
+    ]
+    assert arms[5].starts == (0, 30, 60)  # realistic first, diverse later, evenly spaced
+    assert [a.label for a in standard_schemes([], 10)] == ["real only"]
+
+
+def _scheme_setup(tmp_path):
+    from sparseseg.data.dataset import save_meta
+    from sparseseg.data.synthetic import make_synthetic
+    from sparseseg.scribbles.simulate import simulate_dataset
+
+    data = tmp_path / "data"
+    meta = make_synthetic(data, n_train=4, n_test=2, size=32, seed=0)
+    simulate_dataset(data, tmp_path / "scr", width=3, length=0.5, seed=0)
+    twins = []
+    for k, flip in enumerate((False, True)):  # two "synthetic" datasets: the real images, one flipped
+        twin = tmp_path / f"twin{k}"
+        (twin / "train" / "images").mkdir(parents=True)
+        for f in sorted((data / "train" / "images").glob("*.png")):
+            image = Image.open(f)
+            (image.transpose(Image.FLIP_LEFT_RIGHT) if flip else image).save(twin / "train" / "images" / f.name)
+        save_meta(type(meta)(name=twin.name, classes=meta.classes, palette=meta.palette, size=32,
+                             splits={"train": 4}), twin)
+        twins.append(twin)
+    config = ExperimentConfig(data=data, backbone=BackboneConfig(name="efficientnet_lite0", device="cpu"),
+                              head=HeadConfig(epochs=3))
+    return config, tmp_path / "scr", twins
+
+
+def test_evaluate_schemes_shares_features_but_matches_separate_runs(tmp_path):
+    from tests.conftest import ToyBackbone
+
+    config, scr, twins = _scheme_setup(tmp_path)
+    arms = [SchemeSpec("real only", "none"), SchemeSpec("second", "append", (1,)),
+            SchemeSpec("curr", "curriculum", (0, 1), 1.0, (1, 2))]
+    together = evaluate_schemes(config, scr, twins, arms, pixels_per_image=16, backbone=ToyBackbone(16))
+    alone = [evaluate_scheme(config, scr, [], "none", pixels_per_image=16, backbone=ToyBackbone(16)),
+             evaluate_scheme(config, scr, [twins[1]], "append", pixels_per_image=16, backbone=ToyBackbone(16)),
+             evaluate_scheme(config, scr, twins, "curriculum", 1.0, [1, 2], pixels_per_image=16,
+                             backbone=ToyBackbone(16))]
+    for a, b in zip(together, alone, strict=True):
+        assert a["miou"] == b["miou"] and a["per_class_iou"] == b["per_class_iou"]
+    assert together[1]["synthetic"] == [str(twins[1])]
+    # flipped twins give other features at the scribbled pixels, so training on them changes the head
+    assert together[1]["per_class_iou"] != together[0]["per_class_iou"]
+    with pytest.raises(SparsesegError, match="dataset index out of range"):
+        evaluate_schemes(config, scr, twins[:1], arms, backbone=ToyBackbone(16))
+
+
+def test_compare_schemes_table_resume_and_settings(tmp_path, monkeypatch):
+    import statistics
+
+    from sparseseg.scribblegen import compare as compare_module
+    from tests.conftest import ToyBackbone
+
+    config, scr, twins = _scheme_setup(tmp_path)
+    monkeypatch.setattr("sparseseg.scribblegen.augment.load_backbone", lambda cfg, device: ToyBackbone(16))
+    out = tmp_path / "cmp"
+    summary = compare_schemes(config, scr, twins, [0, 1], out, pixels_per_image=16, log=lambda m: None)
+    records = read_results(out)
+    assert sorted({(r["seed"], r["label"]) for r in records}) == sorted(
+        (s, a.label) for s in (0, 1) for a in standard_schemes(["twin0", "twin1"], 3))
+    text = summary.read_text()
+    for label in ("real only", "uniform lambda", "adaptive lambda"):
+        values = [100 * r["miou"] for r in records if r["label"] == label]
+        row = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
+        assert f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}" in row
+    # resuming: finished seeds are not run again; other settings are refused
+    calls = []
+    monkeypatch.setattr(compare_module, "evaluate_schemes", lambda *a, **k: calls.append(a) or [])
+    compare_schemes(config, scr, twins, [0, 1], out, pixels_per_image=16, log=lambda m: None)
+    assert calls == []
+    with pytest.raises(SparsesegError, match="other settings"):
+        compare_schemes(config, scr, twins, [0], out, pixels_per_image=8, log=lambda m: None)
 
 
 def test_cli_train_then_generate(tmp_path):

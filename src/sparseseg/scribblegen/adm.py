@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from sparseseg.backbones.adm import ADMFlags, ADMUNet, TimestepEmbedSequential
+from sparseseg.backbones.adm import ADMFlags, ADMUNet, TimestepEmbedSequential, load_adm
 from sparseseg.backbones.diffusion import NoiseSchedule
 from sparseseg.backbones.pretrain import (
     default_settings,
@@ -119,6 +119,32 @@ class ScribbleADM(nn.Module):
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | int, cond: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) x_t, timesteps, (N, C + 1, H, W) encoding -> (N, 6 or 3, H, W), epsilon first."""
         return self.unet(torch.cat([x, cond.to(x.dtype)], dim=1), timesteps)
+
+    @torch.no_grad()
+    def load_unconditional(self, unet: ADMUNet) -> None:
+        """Starts from an unconditional ADM of the same architecture.
+
+        Every weight is copied; the first convolution's image channels come from `unet` and its
+        scribble channels are set to zero, so the network's output is exactly `unet`'s until
+        training teaches it to use the scribble (ControlNet's zero-initialisation idea).
+        """
+        state = unet.state_dict()
+        conv = self.unet.input_blocks[0][0]
+        weight = torch.zeros_like(conv.weight)
+        weight[:, :3] = state.pop("input_blocks.0.0.weight")
+        self.unet.load_state_dict({**state, "input_blocks.0.0.weight": weight})
+
+
+def load_base(init: str | Path, channels: int | None) -> tuple[ADMUNet, ADMFlags]:
+    """The unconditional ADM of `init` (a `sparseseg pretrain` checkpoint) and its flags.
+
+    Raises:
+        SparsesegError: unreadable file, or a width other than `channels` when that is given.
+    """
+    unet, flags = load_adm(init)
+    if channels is not None and channels != flags.num_channels:
+        raise SparsesegError(f"{init}: has {flags.num_channels} base channels, not --channels {channels}")
+    return unet, flags
 
 
 def conditional_loss(model: ScribbleADM, schedule: NoiseSchedule, x0: torch.Tensor, cond: torch.Tensor,
@@ -301,6 +327,7 @@ def train_scribblegen(
     samples: int = 4,
     sample_steps: int = 50,
     guidance: float = 2.0,
+    init: str | Path | None = None,
 ) -> Path:
     """Trains a scribble-conditioned ADM on image/scribble pairs.
 
@@ -317,6 +344,9 @@ def train_scribblegen(
         size: training side (a multiple of 32); channels, batch_size: None = by size, as pretrain.
         p_uncond: conditioning dropout rate in [0, 1).
         ignore_id: the scribble files' unlabelled id.
+        init: a `sparseseg pretrain` checkpoint to start from (its EMA weights, scribble inputs
+            zero-initialised; `ScribbleADM.load_unconditional`); it fixes the architecture.
+            Ignored when `out` is resumed.
         Others: as `pretrain_adm`.
 
     Returns:
@@ -331,13 +361,14 @@ def train_scribblegen(
     if not 0 <= p_uncond < 1:
         raise SparsesegError(f"p_uncond {p_uncond}: must be in [0, 1)")
     default_channels, default_batch = default_settings(size)
+    base, base_flags = load_base(init, channels) if init is not None else (None, None)
     channels = default_channels if channels is None else channels
     batch_size = default_batch if batch_size is None else batch_size
     for name, value in (("steps", steps), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every),
                         ("sample_steps", sample_steps)):
         if value <= 0:
             raise SparsesegError(f"{name} {value}: must be positive")
-    flags = pretrain_flags(channels)
+    flags = base_flags or pretrain_flags(channels)
     classes = read_classes(scribbles_dir)
     palette = _palette_for(Path(images_dir), classes)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -347,7 +378,10 @@ def train_scribblegen(
     # 1. Model, EMA and optimizer (seeded without touching the global RNG), resumed when asked.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = ScribbleADM(flags, len(classes)).to(device)
+        model = ScribbleADM(flags, len(classes))
+    if base is not None:
+        model.load_unconditional(base)
+    model = model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     step, losses = 0, []

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -159,28 +160,67 @@ def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
-def evaluate_scheme(
+@dataclass(frozen=True)
+class SchemeSpec:
+    """One arm of a comparison: a scheme over a subset of the synthetic datasets.
+
+    Attributes:
+        label: the row name in tables ("fixed lambda 0.30", "adaptive lambda", ...).
+        scheme: one of SCHEMES.
+        datasets: indices into the comparison's synthetic datasets that this arm trains with.
+        p: replacement probability (sample, curriculum).
+        starts: curriculum start epochs, one per dataset in `datasets`.
+    """
+
+    label: str
+    scheme: str
+    datasets: tuple[int, ...] = ()
+    p: float = 0.5
+    starts: tuple[int, ...] | None = None
+
+
+def standard_schemes(names: Sequence[str], epochs: int, p: float = 0.5) -> list[SchemeSpec]:
+    """The comparison of the ScribbleGen paper for synthetic datasets named `names` (low to high lambda).
+
+    Real only; each dataset alone as a fixed lambda (sample with p); uniform lambda (sample over
+    all); adaptive lambda (curriculum with the datasets taking over at evenly spaced epochs,
+    the first at epoch 0: realistic first, diverse later); append (every twin, every epoch).
+    """
+    k = len(names)
+    arms = [SchemeSpec("real only", "none")]
+    if k == 0:
+        return arms
+    arms += [SchemeSpec(f"fixed {name}", "sample", (i,), p) for i, name in enumerate(names)]
+    if k > 1:
+        arms.append(SchemeSpec("uniform lambda", "sample", tuple(range(k)), p))
+        arms.append(SchemeSpec("adaptive lambda", "curriculum", tuple(range(k)), p,
+                               tuple(round(i * epochs / k) for i in range(k))))
+    arms.append(SchemeSpec("append", "append", tuple(range(k))))
+    return arms
+
+
+def evaluate_schemes(
     config: ExperimentConfig,
     scribbles_dir: str | Path,
-    synthetic: Sequence[str | Path] = (),
-    scheme: str = "none",
-    p: float = 0.5,
-    starts: Sequence[int] | None = None,
+    synthetic: Sequence[str | Path],
+    arms: Sequence[SchemeSpec],
     pixels_per_image: int = 64,
     ignore_id: int = 255,
     backbone=None,
     progress: Callable[[str, int, int], None] | None = None,
-) -> dict:
-    """Trains the head on real scribbles (plus synthetic images under `scheme`), returns test mIoU.
+) -> list[dict]:
+    """Trains one head per arm on real scribbles (plus synthetic images), returns each one's test mIoU.
 
     Features come from the config's backbone (or `backbone`, any `FeatureBackbone`) exactly as in
     the active-learning loop, at the training images' scribbled pixels: at most
     `pixels_per_image` of them per image (a seeded uniform draw, as the supervised reference),
-    which bounds memory at (1 + K) x N x pixels_per_image x D floats. Synthetic images are resized
-    to the dataset's size. The evaluation is `evaluate_head` on the config's eval split.
+    which bounds memory at (1 + K) x N x pixels_per_image x D floats. They are extracted once and
+    shared by every arm, as are the test split's features. Synthetic images are resized to the
+    dataset's size. The evaluation is `evaluate_head` on the config's eval split.
 
     Returns:
-        The metrics of `evaluate_head` plus scheme, p, starts, synthetic folders, pixel counts, seconds.
+        Per arm, the metrics of `evaluate_head` plus label, scheme, p, starts, synthetic folders,
+        pixel counts and seconds (the arm's own, plus an equal share of the feature extraction).
 
     Raises:
         SparsesegError: missing or mismatched files, a bad scheme, no scribbled pixel.
@@ -190,7 +230,10 @@ def evaluate_scheme(
     def tick(task: str) -> Callable[[int, int], None] | None:
         return (lambda done, total: progress(task, done, total)) if progress else None
 
-    check_scheme(scheme, len(synthetic), p, starts)
+    for arm in arms:
+        if any(not 0 <= k < len(synthetic) for k in arm.datasets):
+            raise SparsesegError(f"{arm.label}: dataset index out of range for {len(synthetic)} synthetic datasets")
+        check_scheme(arm.scheme, len(arm.datasets), arm.p, arm.starts)
     if pixels_per_image < 1:
         raise SparsesegError(f"pixels_per_image {pixels_per_image}: must be at least 1")
     # 1. real images, their scribbles, the test split
@@ -220,18 +263,50 @@ def evaluate_scheme(
     backbone = backbone if backbone is not None else load_backbone(config, device)
     feat, batch = config.features, config.backbone.batch_size
     features = []
-    for k, images in enumerate([train.images, *twins]):
-        split = config.train_split if k == 0 else f"synthetic_{k - 1}"
+    # a twin's feature noise is keyed by its folder's name, so it does not depend on which other
+    # datasets are compared alongside it
+    names = [config.train_split, *(f"synthetic:{Path(f).name}" for f in synthetic)]
+    for split, images in zip(names, [train.images, *twins], strict=True):
         store = FeatureStore(backbone, images, config.seed, split, feat.cache_gb / (1 + len(twins)), batch, device,
                              pixel_cache_limit=0)
         features.append(store.at_pixels(image, y, x, DETERMINISTIC, progress=tick(f"features {split}")))
-    # 4. the head, then the loop's evaluation
-    seed = int(derived_generator(config.seed, "head", "scribblegen", scheme).initial_seed())
-    head = train_head_scheme(torch.stack(features), image, cls, meta.num_classes, config.head, scheme, p, starts,
-                             seed, device)
+    features = torch.stack(features)
     test_store = FeatureStore(backbone, test.images, config.seed, config.eval_split, feat.cache_gb, batch, device)
-    metrics = evaluate_head(head, test_store, test.masks, list(meta.classes), feat.tile_pixels, tick("evaluating"))
-    return {**metrics, "scheme": scheme, "p": p, "starts": list(starts) if starts is not None else None,
-            "synthetic": [str(Path(f)) for f in synthetic], "scribbled_pixels": int((scribbles != 255).sum()),
-            "pixels": len(cls), "train_images": len(train.names), "dataset": meta.name,
-            "seconds": round(time.perf_counter() - start_time, 3)}
+    shared = (time.perf_counter() - start_time) / max(len(arms), 1)
+    # 4. per arm: the head on its rows (real first), then the loop's evaluation
+    results = []
+    for arm in arms:
+        arm_start = time.perf_counter()
+        # one head seed for every arm: the arms differ in their data only
+        seed = int(derived_generator(config.seed, "head", "scribblegen").initial_seed())
+        rows = features[[0, *(1 + k for k in arm.datasets)]]
+        head = train_head_scheme(rows, image, cls, meta.num_classes, config.head, arm.scheme, arm.p, arm.starts,
+                                 seed, device)
+        metrics = evaluate_head(head, test_store, test.masks, list(meta.classes), feat.tile_pixels,
+                                tick(f"evaluating {arm.label}"))
+        results.append({**metrics, "label": arm.label, "scheme": arm.scheme, "p": arm.p,
+                        "starts": list(arm.starts) if arm.starts is not None else None,
+                        "synthetic": [str(Path(synthetic[k])) for k in arm.datasets],
+                        "scribbled_pixels": int((scribbles != 255).sum()), "pixels": len(cls),
+                        "train_images": len(train.names), "dataset": meta.name, "seed": config.seed,
+                        "seconds": round(time.perf_counter() - arm_start + shared, 3)})
+    return results
+
+
+def evaluate_scheme(
+    config: ExperimentConfig,
+    scribbles_dir: str | Path,
+    synthetic: Sequence[str | Path] = (),
+    scheme: str = "none",
+    p: float = 0.5,
+    starts: Sequence[int] | None = None,
+    pixels_per_image: int = 64,
+    ignore_id: int = 255,
+    backbone=None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict:
+    """`evaluate_schemes` for one scheme over every dataset of `synthetic` (the `evaluate` command)."""
+    arm = SchemeSpec(scheme, scheme, tuple(range(len(synthetic))), p, tuple(starts) if starts is not None else None)
+    check_scheme(scheme, len(synthetic), p, starts)
+    return evaluate_schemes(config, scribbles_dir, synthetic, [arm], pixels_per_image, ignore_id, backbone,
+                            progress)[0]

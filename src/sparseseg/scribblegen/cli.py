@@ -47,6 +47,8 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[int, typer.Option(help="Seed.")] = 0,
         checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 500,
         samples: Annotated[int, typer.Option(help="Rows in OUT.samples.png at each checkpoint; 0: none.")] = 4,
+        init: Annotated[Path | None, typer.Option(help="Start from this `sparseseg pretrain` checkpoint "
+                                                       "(scribble inputs zero-initialised).")] = None,
     ) -> None:
         """Train a scribble-conditioned ADM (epsilon DDPM loss, conditioning dropout, EMA, resumable)."""
         from sparseseg.scribblegen.adm import train_scribblegen
@@ -54,7 +56,7 @@ def register(app: typer.Typer) -> None:
         with progress_bars() as update:
             path = train_scribblegen(images, scribbles, out, size=size, channels=channels, steps=steps,
                                      batch_size=batch_size, lr=lr, p_uncond=p_uncond, seed=seed,
-                                     checkpoint_every=checkpoint_every, ignore_id=ignore_id, samples=samples,
+                                     checkpoint_every=checkpoint_every, ignore_id=ignore_id, samples=samples, init=init,
                                      progress=lambda s, n, loss: update("training", s, n))
         console.print(f"wrote {path} and {path.name}.losses.csv", soft_wrap=True, highlight=False)
 
@@ -134,6 +136,33 @@ def register(app: typer.Typer) -> None:
                                                    ignore_id, progress=lambda d, t: update("generating", d, t))
         for folder in folders:
             console.print(f"wrote {folder}", soft_wrap=True, highlight=False)
+
+    @gen_app.command("compare")
+    @friendly
+    def compare_cmd(
+        config: Annotated[Path, typer.Argument(help="Experiment YAML: data, backbone, head.")],
+        scribbles: Annotated[Path, typer.Option(help="Scribble folder of the training split.")],
+        synthetic: Annotated[str, typer.Option(help="Comma-separated synthetic datasets, low to high lambda.")],
+        out: Annotated[Path, typer.Option(help="Folder for config.yaml, results.jsonl, summary.md (resumed).")],
+        seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0,1,2",
+        p: Annotated[float, typer.Option(help="Chance a real image is swapped for its twin (sample, curriculum).")]
+        = 0.5,
+        pixels_per_image: Annotated[int, typer.Option(help="Scribbled pixels drawn per image.")] = 64,
+        ignore_id: Annotated[int, typer.Option(help="Id of unlabelled pixels in the scribble PNGs.")] = 255,
+        set_: Annotated[list[str] | None, typer.Option("--set", help="Config override key=value.")] = None,
+    ) -> None:
+        """Real scribbles only vs fixed, uniform and adaptive lambda and append, over seeds: one table."""
+        from sparseseg.config import load_config
+        from sparseseg.scribblegen.compare import compare_schemes
+
+        cfg = load_config(config, set_)
+        folders = [Path(f) for f in synthetic.split(",") if f.strip()]
+        with progress_bars() as update:
+            summary = compare_schemes(cfg, scribbles, folders, list(_ints(seeds)), out, p, pixels_per_image,
+                                      ignore_id, progress=update,
+                                      log=lambda m: console.print(m, soft_wrap=True, highlight=False))
+        console.print(summary.read_text(), soft_wrap=True, highlight=False)
+        console.print(f"wrote {summary}", soft_wrap=True, highlight=False)
 
     @gen_app.command("evaluate")
     @friendly
