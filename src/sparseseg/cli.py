@@ -165,14 +165,17 @@ def features(
     image: Annotated[Path, typer.Option(help="An image file.")],
     out: Annotated[Path, typer.Option(help="Output .npz.")],
     checkpoint: Annotated[Path | None, typer.Option(
-        help="adm: OpenAI .pt or from `sparseseg pretrain`; diffusers: a folder or Hub id; efficientnet_lite0: none."
+        help="adm: OpenAI .pt or from `sparseseg pretrain`; diffusers, transformers: a folder or Hub id; "
+             "efficientnet_lite0: none."
     )] = None,
-    backbone: Annotated[str, typer.Option(help="adm, diffusers or efficientnet_lite0 (docs/backbones.md).")] = "adm",
+    backbone: Annotated[str, typer.Option(
+        help="adm, diffusers, efficientnet_lite0 or transformers (docs/backbones.md).")] = "adm",
     size: Annotated[int, typer.Option(help="Resize the image to size x size (bilinear).")] = 256,
     timesteps: Annotated[str | None, typer.Option(
         help="Comma-separated timesteps (default: the backbone's; adm 50,150,250).")] = None,
     blocks: Annotated[str | None, typer.Option(
-        help="Comma-separated blocks: adm output_blocks (5,8,12,17), diffusers up_blocks, efficientnet stages."
+        help="Comma-separated blocks: adm output_blocks (5,8,12,17), diffusers up_blocks, efficientnet and "
+             "transformers stages."
     )] = None,
     preset: Annotated[str | None, typer.Option(help="Flags of an OpenAI checkpoint: imagenet_256, lsun_bedroom.")] = None,
     config: Annotated[Path | None, typer.Option(help="guided-diffusion flags as JSON/YAML.")] = None,

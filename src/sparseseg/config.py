@@ -23,14 +23,14 @@ class BackboneConfig(_Frozen):
     """Which network gives the pixel features, and where its weights are read (docs/backbones.md)."""
 
     # --- which network and its weights ---
-    name: Literal["adm", "diffusers", "efficientnet_lite0"] = "adm"
-    checkpoint: Path | None = None  # adm: a .pt file; diffusers: a local folder (save_pretrained layout)
-    hub_id: str | None = None  # diffusers only: a Hugging Face Hub repo id such as google/ddpm-bedroom-256
+    name: Literal["adm", "diffusers", "efficientnet_lite0", "transformers"] = "adm"
+    checkpoint: Path | None = None  # adm: a .pt file; diffusers, transformers: a local folder (save_pretrained layout)
+    hub_id: str | None = None  # diffusers, transformers: a Hugging Face Hub repo id such as microsoft/resnet-50
     preset: str | None = None  # adm only: OpenAI flags for a plain state dict: imagenet_256, lsun_bedroom
     config_file: Path | None = None  # adm only: guided-diffusion flags as JSON/YAML
     # --- features; None: the backbone's default (adm: the paper's 50,150,250 and 5,8,12,17) ---
     timesteps: tuple[int, ...] | None = None  # diffusion backbones only
-    blocks: tuple[int, ...] | None = None  # adm: output_blocks; diffusers: up_blocks; efficientnet: stages
+    blocks: tuple[int, ...] | None = None  # adm: output_blocks; diffusers: up_blocks; efficientnet, transformers: stages
     input_size: int | None = Field(None, ge=1)  # None: the checkpoint's size (adm, diffusers), else the data's
     device: str = "auto"  # auto = cuda when present
     batch_size: int = Field(4, ge=1)  # images per backbone call
@@ -39,17 +39,17 @@ class BackboneConfig(_Frozen):
     def _check_fields(self) -> BackboneConfig:
         # A setting the chosen backbone ignores is an error: it would silently change nothing.
         unused = {
-            "hub_id": self.name != "diffusers" and self.hub_id is not None,
+            "hub_id": self.name not in ("diffusers", "transformers") and self.hub_id is not None,
             "preset": self.name != "adm" and self.preset is not None,
             "config_file": self.name != "adm" and self.config_file is not None,
-            "timesteps": self.name == "efficientnet_lite0" and self.timesteps is not None,
+            "timesteps": self.name in ("efficientnet_lite0", "transformers") and self.timesteps is not None,
             "checkpoint": self.name == "efficientnet_lite0" and self.checkpoint is not None,
         }
         for key, bad in unused.items():
             if bad:
                 raise ValueError(f"backbone.{key} is not used by backbone.name={self.name}")
-        if self.name == "diffusers" and self.checkpoint is not None and self.hub_id is not None:
-            raise ValueError("backbone.checkpoint and backbone.hub_id both set: give one diffusers model")
+        if self.checkpoint is not None and self.hub_id is not None:  # diffusers or transformers
+            raise ValueError(f"backbone.checkpoint and backbone.hub_id both set: give one {self.name} model")
         return self
 
 
@@ -150,9 +150,9 @@ class ExperimentConfig(_Frozen):
         bb = self.backbone
         if bb.name == "adm" and bb.checkpoint is None:
             raise ValueError("backbone.checkpoint is required (an ADM .pt from OpenAI or `sparseseg pretrain`)")
-        if bb.name == "diffusers" and bb.checkpoint is None and bb.hub_id is None:
-            raise ValueError("backbone.checkpoint (a local diffusers folder) or backbone.hub_id is required "
-                             "for backbone.name=diffusers")
+        if bb.name in ("diffusers", "transformers") and bb.checkpoint is None and bb.hub_id is None:
+            raise ValueError(f"backbone.checkpoint (a local {bb.name} folder) or backbone.hub_id is required "
+                             f"for backbone.name={bb.name}")
         return self
 
     def budget_for(self, num_images: int) -> int:

@@ -88,8 +88,8 @@ def _registry_features(
     fields: dict = {"name": name, "timesteps": timesteps or None, "blocks": blocks or None, "input_size": size,
                     "preset": preset, "config_file": config_file}
     if checkpoint is not None:
-        # For diffusers a name that is no local path is taken as a Hugging Face Hub id.
-        local = name != "diffusers" or Path(checkpoint).expanduser().exists()
+        # For Hub-backed backbones a name that is no local path is taken as a Hugging Face Hub id.
+        local = name not in ("diffusers", "transformers") or Path(checkpoint).expanduser().exists()
         fields["checkpoint" if local else "hub_id"] = checkpoint if local else str(checkpoint)
     try:
         config = BackboneConfig(**fields)

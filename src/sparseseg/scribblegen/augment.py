@@ -307,6 +307,5 @@ def evaluate_scheme(
 ) -> dict:
     """`evaluate_schemes` for one scheme over every dataset of `synthetic` (the `evaluate` command)."""
     arm = SchemeSpec(scheme, scheme, tuple(range(len(synthetic))), p, tuple(starts) if starts is not None else None)
-    check_scheme(scheme, len(synthetic), p, starts)
     return evaluate_schemes(config, scribbles_dir, synthetic, [arm], pixels_per_image, ignore_id, backbone,
                             progress)[0]
