@@ -354,6 +354,21 @@ def test_compare_schemes_table_resume_and_settings(tmp_path, monkeypatch):
     assert calls == []
     with pytest.raises(SparsesegError, match="other settings"):
         compare_schemes(config, scr, twins, [0], out, pixels_per_image=8, log=lambda m: None)
+    monkeypatch.undo()
+    # the command line: the same table from a config file
+    from typer.testing import CliRunner
+
+    from sparseseg.cli import app
+
+    monkeypatch.setattr("sparseseg.scribblegen.augment.load_backbone", lambda cfg, device: ToyBackbone(16))
+    yaml_path = tmp_path / "exp.yaml"
+    yaml_path.write_text(f"data: {config.data}\nbackbone:\n  name: efficientnet_lite0\n  device: cpu\n"
+                         "head:\n  epochs: 3\n")
+    r = CliRunner().invoke(app, ["scribblegen", "compare", str(yaml_path), "--scribbles", str(scr), "--synthetic",
+                                 ",".join(map(str, twins)), "--seeds", "0", "--out", str(tmp_path / "cli"),
+                                 "--pixels-per-image", "16"])
+    assert r.exit_code == 0, r.output
+    assert "| adaptive lambda | twin0, twin1 |" in r.output and (tmp_path / "cli" / "summary.md").exists()
 
 
 def test_cli_train_then_generate(tmp_path):

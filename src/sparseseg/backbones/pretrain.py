@@ -111,6 +111,41 @@ def write_losses_csv(out: Path, losses: list[tuple[int, float]]) -> None:
     atomic_write(out.with_name(out.name + ".losses.csv"), lambda p: p.write_text(csv))
 
 
+def check_training_args(size: int, channels: int | None, steps: int, batch_size: int | None,
+                        checkpoint_every: int, sample_steps: int) -> tuple[int, int]:
+    """(channels, batch size), the size defaults filled in; raises SparsesegError on a bad argument."""
+    if size <= 0 or size % 32:
+        raise SparsesegError(f"size {size}: must be a positive multiple of 32 (five 2x downsamplings)")
+    default_channels, default_batch = default_settings(size)
+    channels = default_channels if channels is None else channels
+    batch_size = default_batch if batch_size is None else batch_size
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every),
+                        ("sample_steps", sample_steps)):
+        if value <= 0:
+            raise SparsesegError(f"{name} {value}: must be positive")
+    return channels, batch_size
+
+
+def training_state(model: torch.nn.Module, lr: float, seed: int, resumed: dict | None
+                   ) -> tuple[torch.nn.Module, torch.optim.Optimizer, int, list, torch.Generator]:
+    """EMA copy, AdamW (no weight decay), step, losses and batch generator of a run.
+
+    `resumed` (a checkpoint dict with model, ema, optimizer, step, losses) restores all of them;
+    the batch generator is seeded by (seed, step), so a resumed run draws what a run that never
+    stopped would have drawn from then on.
+    """
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    step, losses = 0, []
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        ema.load_state_dict(resumed["ema"])
+        opt.load_state_dict(resumed["optimizer"])
+        step, losses = int(resumed["step"]), [tuple(x) for x in resumed["losses"]]
+    gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
+    return ema, opt, step, losses, gen
+
+
 def train_steps(
     model: torch.nn.Module,
     ema: torch.nn.Module | None,
@@ -252,15 +287,7 @@ def pretrain_adm(
         SparsesegError: bad arguments, no/unreadable images, or an incompatible `out` to resume.
     """
     out = Path(out)
-    if size <= 0 or size % 32:
-        raise SparsesegError(f"size {size}: must be a positive multiple of 32 (five 2x downsamplings)")
-    default_channels, default_batch = default_settings(size)
-    channels = default_channels if channels is None else channels
-    batch_size = default_batch if batch_size is None else batch_size
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every),
-                        ("sample_steps", sample_steps)):
-        if value <= 0:
-            raise SparsesegError(f"{name} {value}: must be positive")
+    channels, batch_size = check_training_args(size, channels, steps, batch_size, checkpoint_every, sample_steps)
     flags = pretrain_flags(channels)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     data = load_image_folder(images_dir, size)
@@ -271,17 +298,9 @@ def pretrain_adm(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = ADMUNet(flags).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    step, losses = 0, []
-    if resume and out.exists():
-        ckpt = _read_run(out, flags, size)
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step, losses = int(ckpt["step"]), [tuple(x) for x in ckpt["losses"]]
+    ema, opt, step, losses, gen = training_state(model, lr, seed,
+                                                 _read_run(out, flags, size) if resume and out.exists() else None)
     out.parent.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
 
     def save(step: int) -> None:
         state = {

@@ -26,7 +26,6 @@ The checkpoint is a dict:
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,11 +38,12 @@ from torch import nn
 from sparseseg.backbones.adm import ADMFlags, ADMUNet, TimestepEmbedSequential, load_adm
 from sparseseg.backbones.diffusion import NoiseSchedule
 from sparseseg.backbones.pretrain import (
-    default_settings,
+    check_training_args,
     list_images,
     load_image_folder,
     pretrain_flags,
     train_steps,
+    training_state,
     write_losses_csv,
 )
 from sparseseg.data.dataset import (
@@ -356,18 +356,10 @@ def train_scribblegen(
         SparsesegError: bad arguments, missing or unreadable files, an incompatible `out` to resume.
     """
     out = Path(out)
-    if size <= 0 or size % 32:
-        raise SparsesegError(f"size {size}: must be a positive multiple of 32 (five 2x downsamplings)")
     if not 0 <= p_uncond < 1:
         raise SparsesegError(f"p_uncond {p_uncond}: must be in [0, 1)")
-    default_channels, default_batch = default_settings(size)
     base, base_flags = load_base(init, channels) if init is not None else (None, None)
-    channels = default_channels if channels is None else channels
-    batch_size = default_batch if batch_size is None else batch_size
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every),
-                        ("sample_steps", sample_steps)):
-        if value <= 0:
-            raise SparsesegError(f"{name} {value}: must be positive")
+    channels, batch_size = check_training_args(size, channels, steps, batch_size, checkpoint_every, sample_steps)
     flags = base_flags or pretrain_flags(channels)
     classes = read_classes(scribbles_dir)
     palette = _palette_for(Path(images_dir), classes)
@@ -382,17 +374,9 @@ def train_scribblegen(
     if base is not None:
         model.load_unconditional(base)
     model = model.to(device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    step, losses = 0, []
-    if resume and out.exists():
-        ckpt = _read_run(out, flags, size, classes)
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step, losses = int(ckpt["step"]), [tuple(x) for x in ckpt["losses"]]
+    ema, opt, step, losses, gen = training_state(
+        model, lr, seed, _read_run(out, flags, size, classes) if resume and out.exists() else None)
     out.parent.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
 
     def save(step: int) -> None:
         state = {"sparseseg_scribblegen": FORMAT, "flags": flags.model_dump(), "num_classes": len(classes),
