@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
 from sparseseg.errors import SparsesegError
+from sparseseg.io import read_jsonl
 
 
 def read_rounds(run_dir: Path) -> list[dict]:
@@ -14,13 +14,7 @@ def read_rounds(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "rounds.jsonl"
     if not path.exists():
         raise SparsesegError(f"{path}: not found; is {run_dir} a sparseseg run directory?")
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return records
+    return read_jsonl(path)[0]
 
 
 def _mean_std(values: list[float]) -> str:

@@ -39,7 +39,6 @@ requested block.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -51,6 +50,7 @@ from torch import nn
 
 from sparseseg.backbones.base import FeatureInfo
 from sparseseg.errors import SparsesegError
+from sparseseg.io import read_json_object
 
 PAPER_TIMESTEPS = (50, 150, 250)  # for a 1000-step schedule
 DEFAULT_NUM_BLOCKS = 4
@@ -61,16 +61,6 @@ _LAYOUT_HELP = "expected config.json (+ weights) or unet/config.json, as written
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise SparsesegError(f"{path}: cannot read ({_first_line(err)})") from None
-    if not isinstance(data, dict):
-        raise SparsesegError(f"{path}: expected a JSON object")
-    return data
 
 
 def _looks_like_hub_id(source: str) -> bool:
@@ -98,7 +88,7 @@ def _unet_subfolder(folder: Path, where: str) -> str | None:
         sub, config_path = None, folder / "config.json"
     else:
         raise SparsesegError(f"{where}: no diffusers UNet found ({_LAYOUT_HELP})")
-    cls = _read_json(config_path).get("_class_name")
+    cls = read_json_object(config_path).get("_class_name")
     if cls != "UNet2DModel":
         shown = where if sub is None else f"{where}/unet"
         raise SparsesegError(
@@ -118,7 +108,7 @@ def _scheduler(folder: Path, num_train_timesteps: int | None, where: str):
         sub, config_path = None, folder / "scheduler_config.json"
     else:
         return diffusers.DDPMScheduler(num_train_timesteps=num_train_timesteps or 1000)
-    name = _read_json(config_path).get("_class_name", "DDPMScheduler")
+    name = read_json_object(config_path).get("_class_name", "DDPMScheduler")
     cls = getattr(diffusers, str(name), None)
     if cls is None or not hasattr(cls, "add_noise"):
         raise SparsesegError(f"{config_path}: scheduler {name!r} has no add_noise; expected a DDPM-style scheduler")

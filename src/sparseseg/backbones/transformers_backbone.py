@@ -49,7 +49,6 @@ from classification checkpoints; they start as plain LayerNorms (weight 1, bias 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import re
 from collections.abc import Iterator, Sequence
@@ -62,8 +61,8 @@ import torch
 from torch import nn
 
 from sparseseg.backbones.base import FeatureInfo
-from sparseseg.data.dataset import one_line
-from sparseseg.errors import SparsesegError
+from sparseseg.errors import SparsesegError, one_line
+from sparseseg.io import read_json_object
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -108,16 +107,6 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise SparsesegError(f"{path}: cannot read ({one_line(err)[:200]})") from None
-    if not isinstance(data, dict):
-        raise SparsesegError(f"{path}: expected a JSON object")
-    return data
-
-
 def _hub_snapshot(repo_id: str) -> Path:
     """The config files of a Hub repository (a few KB), in the Hub cache; the weights come later."""
     try:
@@ -138,7 +127,7 @@ def _check_model_type(folder: Path, where: str) -> None:
         if (folder / "model_index.json").is_file() or (folder / "unet").is_dir():
             raise SparsesegError(f"{where}: a diffusers pipeline, not a transformers model; use backbone.name=diffusers")
         raise SparsesegError(f"{where}: no config.json, not a transformers model folder ({_LAYOUT})")
-    raw = _read_json(config_path)
+    raw = read_json_object(config_path)
     if "_class_name" in raw:  # diffusers writes its class here, transformers never does
         cls = raw["_class_name"]
         hint = "use backbone.name=diffusers" if cls == "UNet2DModel" else "not a transformers model"
@@ -165,7 +154,7 @@ def read_normalisation(folder: Path) -> Normalisation:
     path = folder / "preprocessor_config.json"
     if not path.is_file():
         return Normalisation()
-    raw = _read_json(path)
+    raw = read_json_object(path)
 
     def triple(key: str, default: tuple[float, float, float]) -> tuple[float, float, float]:
         value = raw.get(key, default)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sparseseg.errors import SparsesegError
+from sparseseg.errors import SparsesegError, one_line
 
 IGNORE_INDEX = 255
 META_FILE = "meta.json"
@@ -55,12 +55,6 @@ CAMVID_PALETTE: list[list[int]] = [
 ]
 
 ProgressFn = Callable[[int, int], None]
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception's message squeezed onto one line (for embedding in a SparsesegError)."""
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def default_palette(n: int) -> list[list[int]]:

@@ -15,8 +15,7 @@ import numpy as np
 import torch
 
 from sparseseg.config import DEFAULT_SAM_HUB_ID, SamExpansionConfig
-from sparseseg.data.dataset import one_line
-from sparseseg.errors import SparsesegError
+from sparseseg.errors import SparsesegError, one_line
 from sparseseg.expansion.base import Expander, resized_shape
 
 

@@ -24,8 +24,7 @@ import torch
 from PIL import Image
 
 from sparseseg.config import SamExpansionConfig
-from sparseseg.data.dataset import one_line
-from sparseseg.errors import SparsesegError
+from sparseseg.errors import SparsesegError, one_line
 from sparseseg.expansion.base import Expander, resized_shape
 
 DOWNLOAD_TIMEOUT_S = 60

@@ -47,7 +47,7 @@ from sparseseg.expansion.regions import (
 )
 from sparseseg.features.store import DETERMINISTIC, FeatureStore
 from sparseseg.head.mlp import predict_proba, train_head
-from sparseseg.io import atomic_write, atomic_write_text
+from sparseseg.io import atomic_write, atomic_write_text, read_jsonl
 from sparseseg.labels import IGNORE, PixelLabels
 from sparseseg.loop.metrics import ConfusionMatrix
 from sparseseg.loop.preview import save_preview
@@ -170,17 +170,7 @@ class Experiment:
 
     def _finished_on_disk(self) -> bool:
         """Whether the run directory already holds every round (then SAM need not be loaded)."""
-        path = self.out / "rounds.jsonl"
-        if not path.exists():
-            return False
-        done = 0
-        for line in path.read_text().splitlines():
-            try:
-                json.loads(line)
-            except json.JSONDecodeError:
-                break  # a torn line is an unfinished round
-            done += 1
-        return done >= self.config.rounds
+        return len(read_jsonl(self.out / "rounds.jsonl")[0]) >= self.config.rounds  # a torn line is unfinished
 
     def _create_run_dir(self) -> None:
         """Written only once data and backbone have loaded, so a typo leaves no stale config behind."""
@@ -198,16 +188,8 @@ class Experiment:
 
     def _read_records(self) -> list[dict]:
         path = self.out / "rounds.jsonl"
-        if not path.exists():
-            return []
-        records = []
-        lines = path.read_text().splitlines()
-        for line in lines:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a torn last line is an unfinished round: replay it
-        if len(records) < len(lines):  # drop the torn tail so the next append starts a clean line
+        records, torn = read_jsonl(path)  # a torn last line is an unfinished round: replay it
+        if torn:  # drop the torn tail so the next append starts a clean line
             atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
         return records
 

@@ -17,7 +17,7 @@ import yaml
 from sparseseg.compare import mean_std
 from sparseseg.config import ExperimentConfig
 from sparseseg.errors import SparsesegError
-from sparseseg.io import atomic_write_text
+from sparseseg.io import atomic_write_text, read_jsonl
 from sparseseg.scribblegen.augment import SchemeSpec, evaluate_schemes, standard_schemes
 
 RESULTS = "results.jsonl"
@@ -36,16 +36,7 @@ def _settings(config: ExperimentConfig, scribbles: Path, synthetic: Sequence[Pat
 
 def read_results(out: Path) -> list[dict]:
     """The records of `out/results.jsonl` ([] when absent); a torn last line is dropped."""
-    path = out / RESULTS
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return records
+    return read_jsonl(Path(out) / RESULTS)[0]
 
 
 def summarize_schemes(records: Sequence[dict]) -> str:

@@ -8,7 +8,6 @@ pixels the active-learning loop could train on.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from sparseseg.config import load_config
 from sparseseg.data.dataset import IGNORE_INDEX, load_meta
 from sparseseg.errors import SparsesegError
 from sparseseg.expansion.regions import RegionSet, clicked_pixels, resolve
+from sparseseg.io import read_jsonl
 from sparseseg.labels import IGNORE, PixelLabels
 from sparseseg.scribbles.io import write_classes, write_scribble_map
 
@@ -66,14 +66,7 @@ def scribbles_from_run(run: str | Path, out: str | Path, regions: bool = True) -
     if not names:
         raise SparsesegError(f"{image_dir}: no .png images")
     # only finished rounds (a line in rounds.jsonl) count, as when the run resumes
-    completed = 0
-    if (run / "rounds.jsonl").is_file():
-        for line in (run / "rounds.jsonl").read_text().splitlines():
-            try:
-                json.loads(line)
-            except json.JSONDecodeError:
-                break
-            completed += 1
+    completed = len(read_jsonl(run / "rounds.jsonl")[0])
     labels = PixelLabels.read_csv(run / "labels.csv", names).upto(completed)
     region_set = None
     if regions:
