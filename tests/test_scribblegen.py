@@ -309,6 +309,18 @@ def _scheme_setup(tmp_path):
     return config, tmp_path / "scr", twins
 
 
+def test_scribble_agreement_counts_pixels_labelled_with_their_scribble_class():
+    from sparseseg.scribblegen.augment import scribble_agreement
+
+    labels = torch.tensor([0, 1, 1, 0, 1])
+    one_hot = torch.nn.functional.one_hot(labels, 2).float()
+    half = one_hot.clone()
+    half[:2] = 1 - half[:2]  # two of five pixels look like the other class
+    features = torch.stack([one_hot, 1 - one_hot, half])  # real, a swapped twin, a partly kept twin
+    shares = scribble_agreement(torch.nn.Identity(), features, labels, chunk=2)  # the head: argmax of the features
+    assert shares == [1.0, 0.0, 3 / 5]
+
+
 def test_evaluate_schemes_shares_features_but_matches_separate_runs(tmp_path):
     from tests.conftest import ToyBackbone
 
@@ -323,6 +335,9 @@ def test_evaluate_schemes_shares_features_but_matches_separate_runs(tmp_path):
     for a, b in zip(together, alone, strict=True):
         assert a["miou"] == b["miou"] and a["per_class_iou"] == b["per_class_iou"]
     assert together[1]["synthetic"] == [str(twins[1])]
+    assert list(together[0]["scribble_agreement"]) == ["real", "twin0", "twin1"]
+    # twin0 holds the real images themselves: the same features, so the same agreement
+    assert together[0]["scribble_agreement"]["twin0"] == together[0]["scribble_agreement"]["real"]
     # flipped twins give other features at the scribbled pixels, so training on them changes the head
     assert together[1]["per_class_iou"] != together[0]["per_class_iou"]
     with pytest.raises(SparsesegError, match="dataset index out of range"):
@@ -369,6 +384,7 @@ def test_compare_schemes_table_resume_and_settings(tmp_path, monkeypatch):
                                  "--pixels-per-image", "16"])
     assert r.exit_code == 0, r.output
     assert "| adaptive lambda | twin0, twin1 |" in r.output and (tmp_path / "cli" / "summary.md").exists()
+    assert "| real | twin0 | twin1 |" in r.output
 
 
 def test_cli_train_then_generate(tmp_path):

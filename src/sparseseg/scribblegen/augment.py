@@ -199,6 +199,25 @@ def standard_schemes(names: Sequence[str], epochs: int, p: float = 0.5) -> list[
     return arms
 
 
+@torch.no_grad()
+def scribble_agreement(head: nn.Module, features: torch.Tensor, labels: torch.Tensor,
+                       device: str | torch.device = "cpu", chunk: int = 65536) -> list[float]:
+    """Per version of the images (row of `features`), the share of scribbled pixels the head labels
+    with their scribble's class.
+
+    For the head trained on real scribbles only, the synthetic rows measure how far a generator
+    kept the classes its scribbles asked for, as the segmentation model sees them: a twin that
+    draws sky where the scribble says road scores low, whatever it looks like.
+    """
+    head.eval()
+    shares = []
+    for row in features:
+        hits = sum(int((head(row[i:i + chunk].to(device)).argmax(1).cpu() == labels[i:i + chunk]).sum())
+                   for i in range(0, len(labels), chunk))
+        shares.append(hits / max(len(labels), 1))
+    return shares
+
+
 def evaluate_schemes(
     config: ExperimentConfig,
     scribbles_dir: str | Path,
@@ -220,7 +239,9 @@ def evaluate_schemes(
 
     Returns:
         Per arm, the metrics of `evaluate_head` plus label, scheme, p, starts, synthetic folders,
-        pixel counts and seconds (the arm's own, plus an equal share of the feature extraction).
+        pixel counts, `scribble_agreement` (the arm's head on the scribbled pixels of the real
+        images and of every synthetic dataset, by folder name: `scribble_agreement`) and seconds
+        (the arm's own, plus an equal share of the feature extraction).
 
     Raises:
         SparsesegError: missing or mismatched files, a bad scheme, no scribbled pixel.
@@ -271,6 +292,7 @@ def evaluate_schemes(
                              pixel_cache_limit=0)
         features.append(store.at_pixels(image, y, x, DETERMINISTIC, progress=tick(f"features {split}")))
     features = torch.stack(features)
+    versions = ["real", *(Path(f).name for f in synthetic)]
     test_store = FeatureStore(backbone, test.images, config.seed, config.eval_split, feat.cache_gb, batch, device)
     shared = (time.perf_counter() - start_time) / max(len(arms), 1)
     # 4. per arm: the head on its rows (real first), then the loop's evaluation
@@ -284,11 +306,13 @@ def evaluate_schemes(
                                  seed, device)
         metrics = evaluate_head(head, test_store, test.masks, list(meta.classes), feat.tile_pixels,
                                 tick(f"evaluating {arm.label}"))
+        agreement = dict(zip(versions, scribble_agreement(head, features, cls, device), strict=True))
         results.append({**metrics, "label": arm.label, "scheme": arm.scheme, "p": arm.p,
                         "starts": list(arm.starts) if arm.starts is not None else None,
                         "synthetic": [str(Path(synthetic[k])) for k in arm.datasets],
                         "scribbled_pixels": int((scribbles != 255).sum()), "pixels": len(cls),
                         "train_images": len(train.names), "dataset": meta.name, "seed": config.seed,
+                        "scribble_agreement": agreement,
                         "seconds": round(time.perf_counter() - arm_start + shared, 3)})
     return results
 

@@ -40,7 +40,8 @@ def read_results(out: Path) -> list[dict]:
 
 
 def summarize_schemes(records: Sequence[dict]) -> str:
-    """A Markdown table: per arm, mIoU (%) mean ± std over seeds, gain over real only, per-seed values."""
+    """Markdown: per arm, mIoU (%) mean ± std over seeds, gain over real only, per-seed values; then
+    the real-only head's scribble agreement per version of the images."""
     arms: dict[str, list[dict]] = {}
     for r in records:
         arms.setdefault(r["label"], []).append(r)
@@ -54,6 +55,15 @@ def summarize_schemes(records: Sequence[dict]) -> str:
         names = ", ".join(Path(s).name for s in rows[0]["synthetic"]) or "-"
         per_seed = ", ".join(f"{100 * r['miou']:.2f} (s{r['seed']})" for r in rows)
         lines.append(f"| {label} | {names} | {cell} | {gain} | {per_seed} |")
+    agreement = [r["scribble_agreement"] for r in arms.get("real only", []) if r.get("scribble_agreement")]
+    if agreement:
+        versions = list(agreement[0])
+        lines += ["", "Scribble agreement: the share of scribbled pixels that the head trained on real scribbles "
+                  "only labels with the scribble's class, in each version of the training images (mean over "
+                  "seeds, %). On the synthetic twins it measures how far the generator kept the classes its "
+                  "scribbles asked for.", "", "| " + " | ".join(versions) + " |",
+                  "| " + " | ".join("---:" for _ in versions) + " |",
+                  "| " + " | ".join(f"{100 * mean_std([a[v] for a in agreement])[0]:.1f}" for v in versions) + " |"]
     return "\n".join(lines) + "\n"
 
 
