@@ -105,10 +105,10 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, ema_deca
             e.lerp_(p, 1 - decay)
 
 
-def write_losses_csv(out: Path, losses: list[tuple[int, float]]) -> None:
-    """`<out>.losses.csv` (step,loss), atomically."""
+def write_losses_csv(path: Path, losses: list[tuple[int, float]]) -> None:
+    """The loss curve as `path` (step,loss), atomically."""
     csv = "step,loss\n" + "".join(f"{s},{v:.6f}\n" for s, v in losses)
-    atomic_write(out.with_name(out.name + ".losses.csv"), lambda p: p.write_text(csv))
+    atomic_write(path, lambda p: p.write_text(csv))
 
 
 def check_training_args(size: int, channels: int | None, steps: int, batch_size: int | None,
@@ -315,7 +315,7 @@ def pretrain_adm(
             "losses": losses,
         }
         atomic_write(out, lambda p: torch.save(state, p))
-        write_losses_csv(out, losses)
+        write_losses_csv(out.with_name(out.name + ".losses.csv"), losses)
         if samples > 0:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 grid = schedule.ddim_sample(ema, (samples, 3, size, size), steps=sample_steps,

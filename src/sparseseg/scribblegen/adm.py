@@ -271,6 +271,26 @@ def load_pairs(images_dir: str | Path, scribbles_dir: str | Path, size: int, ign
 
 
 # ------------------------------------------------------------------------------------ training
+def draw_pairs(images: torch.Tensor, scribbles: torch.Tensor, num_classes: int, batch_size: int,
+               generator: torch.Generator, device: str | torch.device
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A training batch of image/scribble pairs, drawn with replacement, each flipped left-right
+    with probability 1/2 (image and scribble together).
+
+    Args:
+        images: (N, 3, S, S) uint8; scribbles: (N, S, S) maps, 255 unlabelled.
+
+    Returns:
+        (indices, x0 in [-1, 1] (B, 3, S, S), one-hot encodings (B, C + 1, S, S)), on `device`
+        but the indices.
+    """
+    idx = torch.randint(len(images), (batch_size,), generator=generator)
+    x0 = images_to_model_input(images[idx].permute(0, 2, 3, 1))
+    cond = encode_scribbles(scribbles[idx], num_classes)
+    flip = (torch.rand(batch_size, generator=generator) < 0.5)[:, None, None, None]
+    return (idx, torch.where(flip, x0.flip(3), x0).to(device), torch.where(flip, cond.flip(3), cond).to(device))
+
+
 def _read_run(out: Path, flags: ADMFlags, size: int, classes: list[str]) -> dict:
     try:
         ckpt = torch.load(out, map_location="cpu", weights_only=True)
@@ -384,7 +404,7 @@ def train_scribblegen(
                  "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                  "step": step, "seed": seed, "losses": losses}
         atomic_write(out, lambda p: torch.save(state, p))
-        write_losses_csv(out, losses)
+        write_losses_csv(out.with_name(out.name + ".losses.csv"), losses)
         if samples > 0:
             k = min(samples, len(images))
             x0 = images_to_model_input(images[:k].permute(0, 2, 3, 1)).to(device)
@@ -398,11 +418,7 @@ def train_scribblegen(
 
     # 2. Train.
     def batch_loss() -> torch.Tensor:
-        idx = torch.randint(len(images), (batch_size,), generator=gen)
-        x0 = images_to_model_input(images[idx].permute(0, 2, 3, 1))
-        cond = encode_scribbles(scribbles[idx], len(classes))
-        flip = (torch.rand(batch_size, generator=gen) < 0.5)[:, None, None, None]
-        x0, cond = torch.where(flip, x0.flip(3), x0).to(device), torch.where(flip, cond.flip(3), cond).to(device)
+        _, x0, cond = draw_pairs(images, scribbles, len(classes), batch_size, gen, device)
         return conditional_loss(model, schedule, x0, cond, p_uncond, gen)
 
     train_steps(model, ema, opt, step, steps, batch_loss, save, losses, ema_decay, checkpoint_every, device, progress)

@@ -38,11 +38,17 @@ import torch
 from torch import nn
 
 from sparseseg.backbones.diffusion import NoiseSchedule
-from sparseseg.backbones.pretrain import train_steps
+from sparseseg.backbones.pretrain import train_steps, write_losses_csv
 from sparseseg.data.dataset import IGNORE_INDEX, images_to_model_input
 from sparseseg.errors import SparsesegError
-from sparseseg.io import atomic_write, atomic_write_text
-from sparseseg.scribblegen.adm import drop_condition, encode_and_denoise, encode_scribbles, null_condition
+from sparseseg.io import atomic_write
+from sparseseg.scribblegen.adm import (
+    draw_pairs,
+    drop_condition,
+    encode_and_denoise,
+    encode_scribbles,
+    null_condition,
+)
 
 PROMPT = "a high-quality, detailed, and professional image"
 FORMAT = 1
@@ -261,14 +267,10 @@ def train_controlnet(
         state = {"sparseseg_controlnet": FORMAT, "classes": classes, "size": int(images.shape[-1]),
                  "p_uncond": p_uncond, "optimizer": opt.state_dict(), "step": step, "seed": seed, "losses": losses}
         atomic_write(state_path, lambda p: torch.save(state, p))
-        atomic_write_text(out / "losses.csv", "step,loss\n" + "".join(f"{s},{v:.6f}\n" for s, v in losses))
+        write_losses_csv(out / "losses.csv", losses)
 
     def batch_loss() -> torch.Tensor:
-        idx = torch.randint(len(images), (batch_size,), generator=gen)
-        x0 = images_to_model_input(images[idx].permute(0, 2, 3, 1))
-        cond = encode_scribbles(scribbles[idx], len(classes))
-        flip = (torch.rand(batch_size, generator=gen) < 0.5)[:, None, None, None]
-        x0, cond = torch.where(flip, x0.flip(3), x0).to(device), torch.where(flip, cond.flip(3), cond).to(device)
+        idx, x0, cond = draw_pairs(images, scribbles, len(classes), batch_size, gen, device)
         text = encode_prompts([prompts[i] for i in idx.tolist()]).to(device)
         return parts.loss(x0, cond, text, p_uncond, gen)
 
