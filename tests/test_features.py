@@ -3,7 +3,8 @@
 import torch
 import torch.nn.functional as F
 
-from sparseseg.features.store import FeatureStore, noise_seed
+from sparseseg.features.store import FeatureStore
+from sparseseg.seeding import derived_seed
 from tests.conftest import ToyBackbone
 
 
@@ -45,7 +46,7 @@ def test_noise_is_seeded_per_image_and_sample_not_by_order():
     b.at_pixels(torch.tensor([0, 2]), ys, xs, 1)  # visit other images first
     torch.testing.assert_close(a.at_pixels(ids, ys, xs, 1), b.at_pixels(ids, ys, xs, 1))
     assert not torch.allclose(a.at_pixels(ids, ys, xs, 1), a.at_pixels(ids, ys, xs, 2))
-    assert noise_seed(0, "train", 1, 1) != noise_seed(0, "test", 1, 1) != noise_seed(1, "train", 1, 1)
+    assert derived_seed(0, "train", 1, 1) != derived_seed(0, "test", 1, 1) != derived_seed(1, "train", 1, 1)
 
 
 def test_cache_is_only_a_speedup():

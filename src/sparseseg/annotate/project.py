@@ -74,9 +74,11 @@ from sparseseg.data.prepare import (
     read_classes_file,
     staged_output,
 )
+from sparseseg.device import resolve_device
 from sparseseg.errors import SparsesegError
 from sparseseg.io import atomic_write, atomic_write_text
 from sparseseg.labels import IGNORE, PixelLabels
+from sparseseg.seeding import derived_generator
 
 if TYPE_CHECKING:  # heavy modules are imported only by the commands that run the backbone
     from sparseseg.expansion.regions import RegionSet, Resolved, TrainingPixels
@@ -255,8 +257,6 @@ class Project:
         if self._features is None:
             from sparseseg.backbones.registry import build_backbone
             from sparseseg.features.store import FeatureStore
-            from sparseseg.loop.experiment import resolve_device
-
             tick = (lambda d, t: progress("loading images", d, t)) if progress else None
             split = load_split(self.root / DATA_DIR, SPLIT, progress=tick)
             if split.names != [r.name for r in self.image_rows]:
@@ -332,8 +332,6 @@ class Project:
     def _sam(self):
         if self._expander is None:
             from sparseseg.expansion.registry import build_expander
-            from sparseseg.loop.experiment import resolve_device
-
             self._expander = build_expander(self.config.sam, resolve_device(self.config.backbone.device))
         return self._expander
 
@@ -388,7 +386,6 @@ class Project:
         """
         from sparseseg.features.store import DETERMINISTIC
         from sparseseg.head.mlp import make_head, predict_proba, train_head
-        from sparseseg.selection.strategies import derived_generator
 
         snap = snap or self.store.snapshot()
         image, y, x, cls = self._trainable(snap)

@@ -31,6 +31,7 @@ from sparseseg.errors import SparsesegError
 from sparseseg.expansion.base import Expander, choose
 from sparseseg.io import atomic_write
 from sparseseg.labels import IGNORE
+from sparseseg.seeding import derived_generator
 
 
 def _packed_width(size: int) -> int:
@@ -240,7 +241,6 @@ def training_pixels(resolved: Resolved, regions: RegionSet, max_per_click: int, 
 
     Pixels are returned grouped by owner in record order, each group in raster order.
     """
-    from sparseseg.selection.strategies import derived_generator
 
     out: list[tuple[np.ndarray, ...]] = []
     if max_per_click > 0 and len(resolved):

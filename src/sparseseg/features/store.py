@@ -15,7 +15,6 @@ feature never depends on the order in which images are visited, and caching is o
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -23,14 +22,9 @@ import torch.nn.functional as F
 
 from sparseseg.backbones.base import FeatureBackbone
 from sparseseg.data.dataset import images_to_model_input
+from sparseseg.seeding import derived_generator
 
 DETERMINISTIC = 0
-
-
-def noise_seed(seed: int, split: str, image: int, sample: int) -> int:
-    """A stable 63-bit seed for one image's noise sample (independent of visiting order)."""
-    digest = hashlib.sha256(f"{seed}/{split}/{image}/{sample}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def pixel_grid(ys: torch.Tensor, xs: torch.Tensor, size: int) -> torch.Tensor:
@@ -106,7 +100,7 @@ class FeatureStore:
 
     # ---------------------------------------------------------------- native maps
     def _noise(self, image: int, sample: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(noise_seed(self.seed, self.split, image, sample))
+        gen = derived_generator(self.seed, self.split, image, sample)
         s = self.backbone.input_size
         return torch.randn(3, s, s, generator=gen)
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import platform
-import resource
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,6 +34,7 @@ import torch
 from sparseseg import __version__
 from sparseseg.config import ExperimentConfig, dump_config, load_config
 from sparseseg.data.dataset import Split, load_meta, load_split
+from sparseseg.device import peak_memory_gb, resolve_device
 from sparseseg.errors import SparsesegError
 from sparseseg.expansion.regions import (
     RegionSet,
@@ -51,23 +51,10 @@ from sparseseg.io import atomic_write, atomic_write_text, read_jsonl
 from sparseseg.labels import IGNORE, PixelLabels
 from sparseseg.loop.metrics import ConfusionMatrix
 from sparseseg.loop.preview import save_preview
-from sparseseg.selection.strategies import RoundContext, check_strategy, create_strategy, derived_generator
+from sparseseg.seeding import derived_generator
+from sparseseg.selection.strategies import RoundContext, check_strategy, create_strategy
 
 Progress = Callable[[str, int, int], None]
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' means CUDA when present, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak memory so far: CUDA allocator peak on GPU, else the process's resident high-water mark."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 @dataclass

@@ -19,13 +19,14 @@ import torch
 
 from sparseseg.config import ExperimentConfig
 from sparseseg.data.dataset import load_meta, load_split
+from sparseseg.device import resolve_device
 from sparseseg.errors import SparsesegError
 from sparseseg.features.store import DETERMINISTIC, FeatureStore
 from sparseseg.head.mlp import train_head
 from sparseseg.io import atomic_write_text
 from sparseseg.labels import IGNORE
-from sparseseg.loop.experiment import evaluate_head, load_backbone, resolve_device
-from sparseseg.selection.strategies import derived_generator
+from sparseseg.loop.experiment import evaluate_head, load_backbone
+from sparseseg.seeding import derived_generator
 
 Progress = Callable[[str, int, int], None]
 

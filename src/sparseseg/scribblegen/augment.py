@@ -36,13 +36,14 @@ from torch import nn
 
 from sparseseg.config import ExperimentConfig, HeadConfig
 from sparseseg.data.dataset import load_meta, load_split
+from sparseseg.device import resolve_device
 from sparseseg.errors import SparsesegError
 from sparseseg.features.store import DETERMINISTIC, FeatureStore
 from sparseseg.head.mlp import make_head
-from sparseseg.loop.experiment import evaluate_head, load_backbone, resolve_device
+from sparseseg.loop.experiment import evaluate_head, load_backbone
 from sparseseg.loop.supervised import sample_dense_pixels
 from sparseseg.scribbles.io import load_scribbles
-from sparseseg.selection.strategies import derived_generator
+from sparseseg.seeding import derived_generator
 
 SCHEMES = ("none", "append", "sample", "synthetic", "curriculum")
 REAL = -1

@@ -18,7 +18,6 @@ noise samples need a diffusion backbone (one whose maps carry a timestep).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -80,12 +79,6 @@ def check_score(name: str, diffusion: bool, head_dropout: float) -> None:
         )
     if source == "dropout" and head_dropout <= 0:
         raise SparsesegError(f"{name} samples MC dropout from the head: set head.dropout > 0 (for example 0.1)")
-
-
-def dropout_seed(seed: int, *parts: object) -> int:
-    """Seed of one call's MC-dropout masks, from the run seed and what is being scored."""
-    digest = hashlib.sha256("/".join(map(str, ("dropout", seed, *parts))).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def score_features(

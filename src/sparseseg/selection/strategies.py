@@ -25,7 +25,6 @@ strategy after a given round (the paper's two-stage eDALD for rounds 1-10, then 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -36,6 +35,7 @@ from sparseseg.config import StrategyConfig
 from sparseseg.errors import SparsesegError
 from sparseseg.features.store import DETERMINISTIC, FeatureStore, sample_maps
 from sparseseg.labels import PixelLabels
+from sparseseg.seeding import derived_generator, derived_seed
 from sparseseg.selection.coreset import k_center_greedy
 from sparseseg.selection.kernels import median_bandwidth
 from sparseseg.selection.max_herding import max_herding
@@ -43,19 +43,12 @@ from sparseseg.selection.rules import TopK, power_keys, top_fraction_count
 from sparseseg.selection.scores import (
     SCORES,
     check_score,
-    dropout_seed,
     is_diffusion,
     sample_source,
     score_features,
 )
 
 Progress = Callable[[str, int, int], None]
-
-
-def derived_generator(seed: int, *parts: object) -> torch.Generator:
-    """A generator whose seed depends only on (seed, parts): replaying a round replays its draws."""
-    digest = hashlib.sha256("/".join(map(str, (seed, *parts))).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
 @dataclass
@@ -286,7 +279,7 @@ class TwoStageStrategy(Strategy):
             return ctx.store.at_pixels(image, y, x, sample, progress=tick)
 
         scores = score_features(self.score, ctx.head, features_of, ctx.noise_samples, is_diffusion(ctx.store.backbone),
-                                dropout_seed(ctx.seed, ctx.round, "pool"))[pool]
+                                derived_seed("dropout", ctx.seed, ctx.round, "pool"))[pool]
         chooser = _Chooser(self.config, self.score, ctx, len(pool))
         chooser.push(scores, torch.arange(len(pool))[:, None])
         chosen, rule_info = chooser.result()
@@ -346,7 +339,7 @@ class UncertaintyStrategy(Strategy):
                     ys, xs = chunk // s, chunk % s
                     scores = score_features(self.score, ctx.head,
                                             lambda smp, ys=ys, xs=xs, ready=ready: sample_maps(ready[smp], ys, xs, s),
-                                            ctx.noise_samples, diffusion, dropout_seed(ctx.seed, ctx.round, image, t))
+                                            ctx.noise_samples, diffusion, derived_seed("dropout", ctx.seed, ctx.round, image, t))
                     chooser.push(scores, torch.stack([torch.full_like(ys, image), ys, xs], dim=1))
             if ctx.progress is not None:
                 ctx.progress(f"scoring ({self.score})", group[-1] + 1, n)
