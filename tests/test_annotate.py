@@ -26,7 +26,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from sparseseg.annotate.coords import from_percent, from_pixels, to_percent, to_pixels
-from sparseseg.annotate.project import Project, init_project, round_dir
+from sparseseg.annotate.init import init_project
+from sparseseg.annotate.layout import round_dir
+from sparseseg.annotate.project import Project
 from sparseseg.annotate.store import DB_FILE, PAUSE_ENV
 from sparseseg.cli import app
 from sparseseg.data.synthetic import SYNTHETIC_CLASSES, make_synthetic
@@ -34,7 +36,7 @@ from sparseseg.errors import SparsesegError
 from tests.conftest import save_tiny_adm
 
 SIZE = 32
-SETTINGS = ["budget=4", "strategy.candidates_per_image=64", "strategy.k_per_image=5", "features.noise_samples=2",
+SETTINGS = ["budget=4", "strategy.candidates_per_image=64", "strategy.k_per_image=5", "strategy.noise_samples=2",
             "head.epochs=20", "backbone.device=cpu"]
 runner = CliRunner()
 

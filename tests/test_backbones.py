@@ -334,7 +334,7 @@ def tiny_data(tmp_path_factory) -> Path:
 
 def _run(data: Path, out: Path, *extra: str) -> list[dict]:
     cfg = load_config(None, [f"data={data}", f"out={out}", "rounds=2", "budget=3", "strategy.candidates_per_image=32",
-                             "strategy.k_per_image=4", "features.noise_samples=2", "head.epochs=10",
+                             "strategy.k_per_image=4", "strategy.noise_samples=2", "head.epochs=10",
                              "preview_images=1", *extra])
     return Experiment(cfg).run()
 

@@ -254,7 +254,7 @@ def test_two_rounds_end_to_end(resnet, tmp_path):
     make_synthetic(data, n_train=4, n_test=2, size=32, seed=0)
     out = tmp_path / "run"
     cfg = load_config(None, [f"data={data}", f"out={out}", "rounds=2", "budget=3", "strategy.name=ebald",
-                             "head.dropout=0.2", "head.epochs=10", "features.noise_samples=2", "preview_images=1",
+                             "head.dropout=0.2", "head.epochs=10", "strategy.noise_samples=2", "preview_images=1",
                              "backbone.name=transformers", f"backbone.checkpoint={resnet[0]}"])
     records = Experiment(cfg).run()
     assert [r["labelled"] for r in records] == [3, 6] and all(0 <= r["miou"] <= 1 for r in records)

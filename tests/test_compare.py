@@ -42,7 +42,7 @@ def setup(tmp_path_factory):
     save_tiny_adm(root / "adm.pt", SIZE)
     config = root / "tiny.yaml"
     config.write_text("data: data\nbackbone: {checkpoint: adm.pt}\nrounds: 2\nbudget: 2\npreview_images: 0\n"
-                      "strategy: {candidates_per_image: 48, k_per_image: 5}\nfeatures: {noise_samples: 2}\n"
+                      "strategy: {candidates_per_image: 48, k_per_image: 5, noise_samples: 2}\n"
                       "head: {epochs: 20}\n")
     return root, config
 

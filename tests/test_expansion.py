@@ -21,7 +21,9 @@ import torch
 import yaml
 from PIL import Image
 
-from sparseseg.annotate.project import Project, init_project, round_dir
+from sparseseg.annotate.init import init_project
+from sparseseg.annotate.layout import round_dir
+from sparseseg.annotate.project import Project
 from sparseseg.annotate.review import crosshair_image
 from sparseseg.annotate.store import DB_FILE, SCHEMA_VERSION
 from sparseseg.compare import Comparison, StrategyResult, plan_comparison, render_markdown
@@ -302,7 +304,7 @@ def test_official_backend_lands_prompts_on_the_clicked_pixel():
 def _config(world, out, *extra):
     return load_config(None, [f"data={world / 'data'}", f"out={out}", f"backbone.checkpoint={world / 'adm.pt'}",
                               "rounds=2", "budget=4", "strategy.name=entropy", "strategy.pixels_per_image=64",
-                              "features.noise_samples=1", "head.epochs=10", "preview_images=2", "expansion=sam",
+                              "strategy.noise_samples=1", "head.epochs=10", "preview_images=2", "expansion=sam",
                               f"sam.checkpoint={world / 'sam'}", "sam.tau=0", "sam.max_region_pixels=6",
                               "sam.region_weight=2", *extra])
 
@@ -369,7 +371,7 @@ def test_without_expansion_nothing_of_it_is_written(world):
 def test_human_loop_stores_trains_on_and_draws_regions(world, tmp_path):
     root = tmp_path / "proj"
     (tmp_path / "classes.txt").write_text("\n".join(SYNTHETIC_CLASSES) + "\n")
-    settings = ["budget=3", "strategy.candidates_per_image=64", "strategy.k_per_image=5", "features.noise_samples=1",
+    settings = ["budget=3", "strategy.candidates_per_image=64", "strategy.k_per_image=5", "strategy.noise_samples=1",
                 "head.epochs=10", "backbone.device=cpu", "expansion=sam", f"sam.checkpoint={world / 'sam'}",
                 "sam.tau=0", "sam.max_region_pixels=5"]
     proj = init_project(root, world / "data" / "train" / "images", tmp_path / "classes.txt", size=SIZE,

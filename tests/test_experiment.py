@@ -24,7 +24,7 @@ def setup(tmp_path_factory):
 def _config(root, ckpt, out, *extra):
     return load_config(None, [f"data={root / 'data'}", f"out={out}", f"backbone.checkpoint={ckpt}", "rounds=3",
                               "budget=3", "strategy.candidates_per_image=48", "strategy.k_per_image=5",
-                              "features.noise_samples=2", "head.epochs=20", "preview_images=2", *extra])
+                              "strategy.noise_samples=2", "head.epochs=20", "preview_images=2", *extra])
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,9 @@ from PIL import Image
 
 from sparseseg.annotate.coords import from_percent
 from sparseseg.annotate.export import MODEL_VERSION
-from sparseseg.annotate.project import Project, init_project, round_dir
+from sparseseg.annotate.init import init_project
+from sparseseg.annotate.layout import round_dir
+from sparseseg.annotate.project import Project
 from sparseseg.data.synthetic import SYNTHETIC_CLASSES, make_synthetic
 from tests.conftest import save_tiny_adm
 

@@ -351,7 +351,7 @@ def test_compare_schemes_table_resume_and_settings(tmp_path, monkeypatch):
     from tests.conftest import ToyBackbone
 
     config, scr, twins = _scheme_setup(tmp_path)
-    monkeypatch.setattr("sparseseg.scribblegen.augment.load_backbone", lambda cfg, device: ToyBackbone(16))
+    monkeypatch.setattr("sparseseg.scribblegen.augment.build_backbone", lambda cfg, device, default_size: ToyBackbone(16))
     out = tmp_path / "cmp"
     summary = compare_schemes(config, scr, twins, [0, 1], out, pixels_per_image=16, log=lambda m: None)
     records = read_results(out)
@@ -375,7 +375,7 @@ def test_compare_schemes_table_resume_and_settings(tmp_path, monkeypatch):
 
     from sparseseg.cli import app
 
-    monkeypatch.setattr("sparseseg.scribblegen.augment.load_backbone", lambda cfg, device: ToyBackbone(16))
+    monkeypatch.setattr("sparseseg.scribblegen.augment.build_backbone", lambda cfg, device, default_size: ToyBackbone(16))
     yaml_path = tmp_path / "exp.yaml"
     yaml_path.write_text(f"data: {config.data}\nbackbone:\n  name: efficientnet_lite0\n  device: cpu\n"
                          "head:\n  epochs: 3\n")

@@ -15,6 +15,7 @@ from sparseseg.config import HeadConfig, StrategyConfig
 from sparseseg.errors import SparsesegError
 from sparseseg.features.store import DETERMINISTIC, FeatureStore
 from sparseseg.head.mlp import mc_dropout_proba, predict_proba, train_head
+from sparseseg.head.predictor import HeadPredictor
 from sparseseg.labels import PixelLabels
 from sparseseg.selection import uncertainty
 from sparseseg.selection.coreset import k_center_greedy
@@ -199,7 +200,8 @@ def _labels(masks, n=12, seed=1):
 
 
 def _ctx(store, labels, head, round=2, budget=4, seed=0):
-    return RoundContext(store, labels, head, budget, round, seed, noise_samples=3, tile_pixels=50)
+    predictor = HeadPredictor(head) if head is not None else None
+    return RoundContext(store, labels, predictor, budget, round, seed, noise_samples=3, tile_pixels=50)
 
 
 def _head(store, labels, dropout=0.2):

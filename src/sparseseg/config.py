@@ -1,13 +1,16 @@
-"""Experiment configuration: frozen, validated pydantic models that round-trip through YAML.
+"""Settings: frozen, validated pydantic models that round-trip through YAML, and their one loader.
 
-Unknown keys are rejected (a misspelled key must not silently run on a default).
+One family: `RoundSettings` holds what a round of active learning needs (backbone, features,
+strategy, head, expansion, seed, budget); `ExperimentConfig` (a simulated run) and `ProjectConfig`
+(a labelling project) add their own fields to it, and `load_config` reads either. Unknown keys are
+rejected (a misspelled key must not silently run on a default).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -54,9 +57,8 @@ class BackboneConfig(_Frozen):
 
 
 class FeatureConfig(_Frozen):
-    """Noise samples and caching of the native-resolution maps."""
+    """Caching of the native-resolution maps, and tiling of whole images."""
 
-    noise_samples: int = Field(5, ge=1)  # M in the paper's Eq. 6-7 (eDALD / DALD)
     cache_gb: float = Field(4.0, ge=0)  # in-memory cache of native maps (float16); 0 disables
     tile_pixels: int = Field(16384, ge=256)  # pixels per tile when predicting whole images
 
@@ -80,6 +82,7 @@ class StrategyConfig(_Frozen):
     """How pixels are chosen each round (see `sparseseg.selection.strategies`)."""
 
     name: str = "two_stage_edald"
+    noise_samples: int = Field(5, ge=1)  # M in the paper's Eq. 6-7: diffusion noise samples of DALD / eDALD
     candidates_per_image: int = Field(10000, ge=1)  # drawn from the image alone, capped at H*W
     k_per_image: int = Field(50, ge=1)  # K: local MaxHerding picks per image
     pool_ratio: float = Field(0.5, gt=0, le=1)  # M = pool_ratio * N * K
@@ -126,24 +129,50 @@ class SamExpansionConfig(_Frozen):
         return self
 
 
-class ExperimentConfig(_Frozen):
-    """A simulated active-learning experiment (the oracle is the ground-truth mask)."""
+def _moved_noise_samples(tree: Any) -> Any:
+    """Configs written before noise_samples moved to the strategy say `features.noise_samples`."""
+    if not isinstance(tree, dict) or not isinstance(tree.get("features"), dict) or "noise_samples" not in tree["features"]:
+        return tree
+    tree = dict(tree)
+    features = dict(tree["features"])
+    value = features.pop("noise_samples")
+    strategy = dict(tree.get("strategy") or {}) if isinstance(tree.get("strategy") or {}, dict) else tree["strategy"]
+    if isinstance(strategy, dict):
+        if strategy.setdefault("noise_samples", value) != value:
+            raise ValueError("features.noise_samples and strategy.noise_samples disagree; give strategy.noise_samples only")
+    tree["features"], tree["strategy"] = features, strategy
+    return tree
 
-    data: Path  # a prepared dataset (sparseseg prepare ...)
-    out: Path = Path("runs/experiment")
+
+class RoundSettings(_Frozen):
+    """What a round of active learning needs, in a simulated run and a labelling project alike."""
+
     seed: int = 0
-    rounds: int = Field(10, ge=1)
     budget: int | None = Field(None, ge=1)  # pixels per round; None: round(budget_fraction * N)
     budget_fraction: float = Field(0.1, gt=0)
-    eval_split: str = "test"
-    train_split: str = "train"
-    preview_images: int = Field(4, ge=0)  # images drawn with their picks in each round's PNG
     backbone: BackboneConfig = BackboneConfig()
     features: FeatureConfig = FeatureConfig()
     head: HeadConfig = HeadConfig()
     strategy: StrategyConfig = StrategyConfig()
     expansion: Literal["none", "sam"] = "none"  # sam: each click's region labelled too (docs/expansion.md)
     sam: SamExpansionConfig = SamExpansionConfig()  # read only with expansion=sam (so one --set serves a sweep)
+
+    _migrate = model_validator(mode="before")(_moved_noise_samples)
+
+    def budget_for(self, num_images: int) -> int:
+        """Pixels per round: the explicit count, else round(fraction * N), at least 1."""
+        return self.budget if self.budget is not None else max(1, round(self.budget_fraction * num_images))
+
+
+class ExperimentConfig(RoundSettings):
+    """A simulated active-learning experiment (the oracle is the ground-truth mask)."""
+
+    data: Path  # a prepared dataset (sparseseg prepare ...)
+    out: Path = Path("runs/experiment")
+    rounds: int = Field(10, ge=1)
+    eval_split: str = "test"
+    train_split: str = "train"
+    preview_images: int = Field(4, ge=0)  # images drawn with their picks in each round's PNG
 
     @model_validator(mode="after")
     def _check_backbone(self) -> ExperimentConfig:
@@ -155,9 +184,22 @@ class ExperimentConfig(_Frozen):
                              f"for backbone.name={bb.name}")
         return self
 
-    def budget_for(self, num_images: int) -> int:
-        """Pixels per round: the explicit count, else round(fraction * N), at least 1."""
-        return self.budget if self.budget is not None else max(1, round(self.budget_fraction * num_images))
+
+# Where Label Studio finds an image; {file} is "<stem>.png", {name} the stem. The default suits Label
+# Studio's local-files serving with LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT set to the project folder.
+DEFAULT_IMAGE_URL = "/data/local-files/?d=data/train/images/{file}"
+
+
+class ProjectConfig(RoundSettings):
+    """A labelling project's settings (`PROJECT/project.yaml`): what may be tuned between rounds.
+
+    The project's identity (its uuid, classes and images) lives in its database, not here.
+    """
+
+    image_url: str = DEFAULT_IMAGE_URL  # Label Studio task image address, see DEFAULT_IMAGE_URL
+
+
+Settings = TypeVar("Settings", bound=RoundSettings)
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -198,35 +240,51 @@ def _format_validation(err: ValidationError, source: str) -> str:
     return f"{source}: {where}: {first['msg']}{more}"
 
 
-def load_config(path: Path | None, overrides: list[str] | None = None, base: dict | None = None) -> ExperimentConfig:
-    """Read a YAML config, apply `--set` overrides, validate.
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML settings file, or a one-line SparsesegError naming the file."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise SparsesegError(f"{path}: cannot read config ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise SparsesegError(f"{path}: cannot read config ({exc})") from None
+    except yaml.YAMLError as exc:
+        raise SparsesegError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(loaded, dict):
+        raise SparsesegError(f"{path}: expected a mapping of settings at the top level")
+    return loaded
+
+
+def load_config(path: Path | None, overrides: list[str] | None = None, base: dict | None = None,
+                schema: type[Settings] = ExperimentConfig, source: str = "config") -> Settings:
+    """Read a YAML config, apply `--set` overrides, validate against `schema`.
 
     Relative paths inside the file are resolved against the file's folder, so a config can be
-    run from anywhere.
+    run from anywhere; relative paths given in `base` or `overrides` are resolved against the
+    working directory. Every path of the result is absolute.
+
+    Args:
+        path: the YAML file, or None for settings from `base` and `overrides` alone.
+        overrides: `dotted.key=value` strings (values parsed as YAML).
+        base: settings applied before the file.
+        schema: `ExperimentConfig` (a simulated run) or `ProjectConfig` (a labelling project).
+        source: how errors name the settings when there is no file.
     """
     tree: dict[str, Any] = dict(base or {})
-    source = "config"
     if path is not None:
         source = str(path)
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as exc:
-            raise SparsesegError(f"{path}: cannot read config ({exc.strerror})") from None
-        except yaml.YAMLError as exc:
-            raise SparsesegError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(loaded, dict):
-            raise SparsesegError(f"{path}: expected a mapping of settings at the top level")
-        tree = _merge(tree, _resolve_paths(loaded, Path(path).resolve().parent))
+        tree = _merge(tree, _resolve_paths(read_yaml_mapping(path), Path(path).resolve().parent))
     tree = _merge(tree, parse_overrides(overrides))
     try:
-        config = ExperimentConfig.model_validate(tree)
+        config = schema.model_validate(tree)
     except ValidationError as err:
         raise SparsesegError(_format_validation(err, source)) from None
     # Absolute paths from here on: a saved config means the same files from any working directory.
-    absolute = {"data": _absolute(config.data), "out": _absolute(config.out)}
+    update: dict[str, Any] = {key: _absolute(getattr(config, key)) for key in ("data", "out")
+                              if isinstance(getattr(config, key, None), Path)}
     backbone = {k: _absolute(getattr(config.backbone, k)) for k in ("checkpoint", "config_file")
                 if getattr(config.backbone, k) is not None}
-    update = {**absolute, "backbone": config.backbone.model_copy(update=backbone)}
+    update["backbone"] = config.backbone.model_copy(update=backbone)
     if config.sam.checkpoint is not None:
         update["sam"] = config.sam.model_copy(update={"checkpoint": _absolute(config.sam.checkpoint)})
     return config.model_copy(update=update)
@@ -234,7 +292,7 @@ def load_config(path: Path | None, overrides: list[str] | None = None, base: dic
 
 def _absolute(path: Path) -> Path:
     """Absolute and without '..', symlinks kept (resolve() would follow them)."""
-    return Path(os.path.normpath(path.absolute()))
+    return Path(os.path.normpath(path.expanduser().absolute()))
 
 
 _PATH_KEYS = {("data",), ("out",), ("backbone", "checkpoint"), ("backbone", "config_file"), ("sam", "checkpoint")}
@@ -252,6 +310,6 @@ def _resolve_paths(tree: dict[str, Any], folder: Path) -> dict[str, Any]:
     return tree
 
 
-def dump_config(config: ExperimentConfig) -> str:
+def dump_config(config: RoundSettings) -> str:
     """YAML text of a config, paths as strings, tuples as lists: load_config reads it back equal."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -36,7 +36,7 @@ def init(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Project setting key=value (dotted keys).")] = None,
 ) -> None:
     """Create a labelling project: prepared images, project.yaml and the annotation database."""
-    from sparseseg.annotate.project import init_project
+    from sparseseg.annotate.init import init_project
 
     given = {k: v for k, v in (("checkpoint", backbone), ("preset", preset)) if v is not None}
     with _cli().progress_bars() as update:

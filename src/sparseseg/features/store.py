@@ -15,16 +15,21 @@ feature never depends on the order in which images are visited, and caching is o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from sparseseg.backbones.base import FeatureBackbone
+from sparseseg.config import FeatureConfig
 from sparseseg.data.dataset import images_to_model_input
 from sparseseg.seeding import derived_generator
 
 DETERMINISTIC = 0
+#: Share of `features.cache_gb` given to the splits that are selected from and trained on: they reuse
+#: most (every noise sample of every image across rounds); evaluation splits only need their
+#: deterministic maps once per round.
+TRAINING_CACHE_SHARE = 0.75
 
 
 def pixel_grid(ys: torch.Tensor, xs: torch.Tensor, size: int) -> torch.Tensor:
@@ -94,6 +99,7 @@ class FeatureStore:
         self.pixel_cache_limit = pixel_cache_limit
         self._cache_bytes = 0
         self._cache_cap = int(cache_gb * 2**30)
+        self._labelled: dict[tuple[int, int], torch.Tensor] = {}  # (image, flat pixel) -> deterministic feature
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -175,6 +181,22 @@ class FeatureStore:
                 progress(min(start + self.batch_size, len(todo)), len(todo))
         return out
 
+    def labelled_features(self, image_ids: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        """Deterministic features of labelled pixels, (n, D), remembered outside the cache budget.
+
+        Labelled pixels are few and every round trains on all of them again, so they are kept even
+        when the caches are full of noise-sample maps (re-reading them would rerun the backbone).
+        """
+        keys = list(zip(image_ids.tolist(), (ys * self.size + xs).tolist(), strict=True))
+        new = [i for i, key in enumerate(keys) if key not in self._labelled]
+        if new:
+            idx = torch.tensor(new)
+            for key, row in zip([keys[i] for i in new], self.at_pixels(image_ids[idx], ys[idx], xs[idx]), strict=True):
+                self._labelled[key] = row
+        if not keys:
+            return torch.empty(0, self.dim)
+        return torch.stack([self._labelled[key] for key in keys])
+
     def _remember_pixels(self, key: tuple[int, int], flat: list[int], feats: torch.Tensor) -> None:
         if len(flat) > self.pixel_cache_limit:
             return
@@ -194,3 +216,37 @@ class FeatureStore:
         flat = torch.arange(self.size * self.size)
         for chunk in torch.split(flat, tile_pixels):
             yield sample_maps(maps, chunk // self.size, chunk % self.size, self.size)
+
+
+def build_stores(
+    backbone: FeatureBackbone,
+    splits: Mapping[str, torch.Tensor],
+    seed: int,
+    config: FeatureConfig,
+    batch_size: int,
+    device: str | torch.device,
+    evaluation: Sequence[str] = (),
+    pixel_cache_limit: int = 256,
+) -> dict[str, FeatureStore]:
+    """One FeatureStore per split, sharing the `features.cache_gb` budget.
+
+    The splits that are selected from and trained on share TRAINING_CACHE_SHARE of the budget
+    (all of it when there is no evaluation split); the `evaluation` splits share the rest.
+
+    Args:
+        backbone: the backbone every store reads.
+        splits: split name -> (N, S, S, 3) uint8 images; the name seeds the split's noise.
+        seed: run seed.
+        config: the `features` settings.
+        batch_size: images per backbone call.
+        device: where the backbone runs.
+        evaluation: names among `splits` that are only evaluated on.
+        pixel_cache_limit: see FeatureStore (0 when every pixel is read once).
+    """
+    evaluated = [name for name in splits if name in set(evaluation)]
+    trained = [name for name in splits if name not in set(evaluation)]
+    share = {name: (TRAINING_CACHE_SHARE if evaluated else 1.0) / len(trained) for name in trained}
+    share.update({name: (1 - TRAINING_CACHE_SHARE if trained else 1.0) / len(evaluated) for name in evaluated})
+    return {name: FeatureStore(backbone, images, seed, name, config.cache_gb * share[name], batch_size, device,
+                               pixel_cache_limit=pixel_cache_limit)
+            for name, images in splits.items()}

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from sparseseg.expansion.regions import tint_regions
+from sparseseg.expansion.regions import Resolved, tint_regions
 from sparseseg.io import atomic_write
-from sparseseg.labels import IGNORE
-
-if TYPE_CHECKING:
-    from sparseseg.loop.experiment import Experiment
+from sparseseg.labels import IGNORE, PixelLabels
 
 PANEL = 256  # pixels per panel side: small working resolutions are upscaled to stay visible
 
@@ -26,27 +23,36 @@ def colourise(mask: torch.Tensor, palette: list[list[int]]) -> np.ndarray:
     return lut[mask.numpy().astype(np.uint8)]
 
 
-def save_preview(path: Path, exp: Experiment, round: int) -> None:
+def save_preview(path: Path, round: int, labels: PixelLabels, images: torch.Tensor, masks: torch.Tensor,
+                 palette: list[list[int]], count: int, predict: Callable[[int], torch.Tensor] | None = None,
+                 resolved: Resolved | None = None) -> None:
     """One row per preview image: image with all picks (this round's ringed in white), the
-    prediction of the current head, and the ground truth. With SAM expansion, the region pixels
-    (after the overlap rule) are tinted with their class colour under the picks."""
-    labels = exp.labels
+    prediction of the current head, and the ground truth. With expansion, the region pixels
+    (after the overlap rule) are tinted with their class colour under the picks.
+
+    Args:
+        round: the round whose picks are ringed in white; images with new picks come first.
+        labels: every label so far.
+        images, masks: (N, S, S, 3) uint8 training images and their (N, S, S) ground truth.
+        count: how many images to show.
+        predict: image index -> (S, S) predicted class ids; None before the first head.
+        resolved: region pixels after the overlap rule (expansion only).
+    """
     new = labels.image[labels.round == round].unique().tolist()
-    shown = (new + [i for i in range(len(exp.train.names)) if i not in new])[: exp.config.preview_images]
-    size = exp.train_store.size
+    shown = (new + [i for i in range(len(images)) if i not in new])[:count]
+    size = images.shape[1]
     scale = max(1, PANEL // size)
     side = size * scale
     header = 18
     sheet = Image.new("RGB", (3 * side + 20, header + len(shown) * (side + 10)), "white")
     titles = ImageDraw.Draw(sheet)
-    resolved = getattr(exp, "resolved", None)
     first = f"picks (round {round}: white rings)" + (", regions tinted" if resolved is not None else "")
     for col, title in enumerate((first, "prediction", "ground truth")):
         titles.text((col * (side + 10) + 2, 3), title, fill="black")
-    palette = [list(c) for c in exp.meta.palette]
+    palette = [list(c) for c in palette]
     for row, img in enumerate(shown):
         top = header + row * (side + 10)
-        pixels = exp.train.images[img].numpy()
+        pixels = images[img].numpy()
         if resolved is not None:
             pixels = tint_regions(pixels, resolved, img, palette)
         picture = Image.fromarray(pixels).resize((side, side), Image.NEAREST)
@@ -60,9 +66,9 @@ def save_preview(path: Path, exp: Experiment, round: int) -> None:
             r = max(3, scale * 1.5)
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill, outline=ring, width=2)
         sheet.paste(picture, (0, top))
-        if exp.head is not None:
-            pred = colourise(exp.predict(exp.train_store, img), palette)
+        if predict is not None:
+            pred = colourise(predict(img), palette)
             sheet.paste(Image.fromarray(pred).resize((side, side), Image.NEAREST), (side + 10, top))
-        truth = colourise(exp.train.masks[img], palette)
+        truth = colourise(masks[img], palette)
         sheet.paste(Image.fromarray(truth).resize((side, side), Image.NEAREST), (2 * side + 20, top))
     atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))

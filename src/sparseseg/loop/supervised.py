@@ -19,13 +19,12 @@ import torch
 
 from sparseseg.config import ExperimentConfig
 from sparseseg.data.dataset import load_meta, load_split
-from sparseseg.device import resolve_device
 from sparseseg.errors import SparsesegError
-from sparseseg.features.store import DETERMINISTIC, FeatureStore
+from sparseseg.features.store import DETERMINISTIC
 from sparseseg.head.mlp import train_head
 from sparseseg.io import atomic_write_text
 from sparseseg.labels import IGNORE
-from sparseseg.loop.experiment import evaluate_head, load_backbone
+from sparseseg.loop.engine import Engine, head_seed
 from sparseseg.seeding import derived_generator
 
 Progress = Callable[[str, int, int], None]
@@ -72,31 +71,28 @@ def train_supervised(config: ExperimentConfig, pixels_per_image: int = DEFAULT_P
     def tick(task: str) -> Callable[[int, int], None] | None:
         return (lambda done, total: progress(task, done, total)) if progress else None
 
-    # 1. data and backbone, as Experiment loads them
-    device = resolve_device(config.backbone.device)
+    # 1. data, backbone and feature stores, as Experiment builds them
     meta = load_meta(config.data)
     train = load_split(config.data, config.train_split, progress=tick(f"loading {config.train_split}"))
     test = load_split(config.data, config.eval_split, progress=tick(f"loading {config.eval_split}"))
     for split, data in ((config.train_split, train), (config.eval_split, test)):
         if data.masks is None:
             raise SparsesegError(f"{config.data}/{split}: no masks; the supervised reference needs ground truth")
-    backbone = load_backbone(config, device)
-    feat, batch = config.features, config.backbone.batch_size
+    engine = Engine(config, meta.classes, default_size=meta.size)
     # pixel_cache_limit=0: each pixel is read once, remembering it would only double the memory
-    train_store = FeatureStore(backbone, train.images, config.seed, config.train_split, feat.cache_gb * 0.75,
-                               batch, device, pixel_cache_limit=0)
-    test_store = FeatureStore(backbone, test.images, config.seed, config.eval_split, feat.cache_gb * 0.25,
-                              batch, device)
+    stores = engine.stores({config.train_split: train.images, config.eval_split: test.images},
+                           evaluation=[config.eval_split], pixel_cache_limit=0)
+    train_store, test_store = stores[config.train_split], stores[config.eval_split]
     # 2. a seeded uniform subsample of labelled pixels, and their deterministic features
     image, y, x, cls = sample_dense_pixels(train.masks, pixels_per_image, config.seed)
     if len(cls) == 0:
         raise SparsesegError(f"{config.data}/{config.train_split}: every training pixel is void")
     features = train_store.at_pixels(image, y, x, DETERMINISTIC, progress=tick("pixel features"))
     # 3. the loop's head and optimiser, on every sampled pixel at once
-    seed = int(derived_generator(config.seed, "head", "supervised").initial_seed())
-    head = train_head(features, cls, len(meta.classes), config.head, seed, device)
+    head = train_head(features, cls, len(meta.classes), config.head, head_seed(config.seed, "supervised"),
+                      engine.device)
     # 4. the loop's evaluation
-    metrics = evaluate_head(head, test_store, test.masks, list(meta.classes), feat.tile_pixels, tick("evaluating"))
+    metrics = engine.evaluate(head, test_store, test.masks, tick("evaluating"))
     return {
         **metrics,
         "pixels_per_image": pixels_per_image,

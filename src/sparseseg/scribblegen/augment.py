@@ -34,13 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparseseg.backbones.registry import build_backbone
 from sparseseg.config import ExperimentConfig, HeadConfig
 from sparseseg.data.dataset import load_meta, load_split
 from sparseseg.device import resolve_device
 from sparseseg.errors import SparsesegError
-from sparseseg.features.store import DETERMINISTIC, FeatureStore
+from sparseseg.features.store import DETERMINISTIC, build_stores
 from sparseseg.head.mlp import make_head
-from sparseseg.loop.experiment import evaluate_head, load_backbone
+from sparseseg.loop.engine import evaluate_head, head_seed
 from sparseseg.loop.supervised import sample_dense_pixels
 from sparseseg.scribbles.io import load_scribbles
 from sparseseg.seeding import derived_generator
@@ -282,30 +283,29 @@ def evaluate_schemes(
     image, y, x, cls = sample_dense_pixels(scribbles, pixels_per_image, config.seed)
     if len(cls) == 0:
         raise SparsesegError(f"{scribbles_dir}: no scribbled pixel in any training image")
-    backbone = backbone if backbone is not None else load_backbone(config, device)
-    feat, batch = config.features, config.backbone.batch_size
-    features = []
+    if backbone is None:
+        backbone = build_backbone(config.backbone, device, default_size=meta.size)
     # a twin's feature noise is keyed by its folder's name, so it does not depend on which other
     # datasets are compared alongside it
     names = [config.train_split, *(f"synthetic:{Path(f).name}" for f in synthetic)]
-    for split, images in zip(names, [train.images, *twins], strict=True):
-        store = FeatureStore(backbone, images, config.seed, split, feat.cache_gb / (1 + len(twins)), batch, device,
-                             pixel_cache_limit=0)
-        features.append(store.at_pixels(image, y, x, DETERMINISTIC, progress=tick(f"features {split}")))
-    features = torch.stack(features)
+    stores = build_stores(backbone, {**dict(zip(names, [train.images, *twins], strict=True)),
+                                     config.eval_split: test.images}, config.seed, config.features,
+                          config.backbone.batch_size, device, evaluation=[config.eval_split], pixel_cache_limit=0)
+    features = torch.stack([stores[split].at_pixels(image, y, x, DETERMINISTIC, progress=tick(f"features {split}"))
+                            for split in names])
     versions = ["real", *(Path(f).name for f in synthetic)]
-    test_store = FeatureStore(backbone, test.images, config.seed, config.eval_split, feat.cache_gb, batch, device)
+    test_store = stores[config.eval_split]
     shared = (time.perf_counter() - start_time) / max(len(arms), 1)
     # 4. per arm: the head on its rows (real first), then the loop's evaluation
     results = []
     for arm in arms:
         arm_start = time.perf_counter()
         # one head seed for every arm: the arms differ in their data only
-        seed = int(derived_generator(config.seed, "head", "scribblegen").initial_seed())
+        seed = head_seed(config.seed, "scribblegen")
         rows = features[[0, *(1 + k for k in arm.datasets)]]
         head = train_head_scheme(rows, image, cls, meta.num_classes, config.head, arm.scheme, arm.p, arm.starts,
                                  seed, device)
-        metrics = evaluate_head(head, test_store, test.masks, list(meta.classes), feat.tile_pixels,
+        metrics = evaluate_head(head, test_store, test.masks, list(meta.classes), config.features.tile_pixels,
                                 tick(f"evaluating {arm.label}"))
         agreement = dict(zip(versions, scribble_agreement(head, features, cls, device), strict=True))
         results.append({**metrics, "label": arm.label, "scheme": arm.scheme, "p": arm.p,

@@ -12,22 +12,41 @@
 | balentacq          | noise samples on a diffusion backbone, else      | `uncertainty.balentacq`      |
 |                    | MC-dropout passes                                |                              |
 
-S is `features.noise_samples`. MC-dropout passes need a head trained with `head.dropout > 0`;
+S is `strategy.noise_samples`. MC-dropout passes need a head trained with `head.dropout > 0`;
 noise samples need a diffusion backbone (one whose maps carry a timestep).
+
+Probabilities come from a `Predictor` that the caller passes in (the loop wraps its trained head in
+one), so selection never runs the head itself.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
-from torch import nn
 
 from sparseseg.errors import SparsesegError
 from sparseseg.features.store import DETERMINISTIC
-from sparseseg.head.mlp import has_dropout, mc_dropout_proba, predict_proba
 from sparseseg.selection import uncertainty
+
+
+class Predictor(Protocol):
+    """What selection needs of a trained model: class probabilities of pixel features, and samples of them."""
+
+    @property
+    def can_sample(self) -> bool:
+        """Whether `sample_proba` gives different samples (for example, a head with dropout)."""
+        ...
+
+    def proba(self, features: torch.Tensor) -> torch.Tensor:
+        """(n, C) probabilities of (n, D) features."""
+        ...
+
+    def sample_proba(self, features: torch.Tensor, samples: int, seed: int) -> torch.Tensor:
+        """(samples, n, C) stochastic probability samples of (n, D) features, drawn with `seed`."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -83,7 +102,7 @@ def check_score(name: str, diffusion: bool, head_dropout: float) -> None:
 
 def score_features(
     name: str,
-    head: nn.Module,
+    predictor: Predictor,
     features_of: Callable[[int], torch.Tensor],
     samples: int,
     diffusion: bool,
@@ -93,7 +112,7 @@ def score_features(
 
     Args:
         name: a key of SCORES.
-        head: the current head.
+        predictor: the current model's probabilities (and samples).
         features_of: noise sample index -> (n, D) features of the pixels (sample 0 deterministic).
         samples: S, the probability samples of MI-type scores.
         diffusion: whether the backbone's features depend on the noise sample.
@@ -103,14 +122,14 @@ def score_features(
     fn = getattr(uncertainty, spec.formula)
     source = sample_source(name, diffusion)
     if source == "single":
-        return fn(predict_proba(head, features_of(DETERMINISTIC))[None])
+        return fn(predictor.proba(features_of(DETERMINISTIC))[None])
     count = samples + (1 if spec.extra else 0)
     if source == "dropout":
-        if not has_dropout(head):
+        if not predictor.can_sample:
             raise SparsesegError(f"{name} samples MC dropout from the head: set head.dropout > 0 (for example 0.1)")
-        probs = mc_dropout_proba(head, features_of(DETERMINISTIC), count, seed)
+        probs = predictor.sample_proba(features_of(DETERMINISTIC), count, seed)
     else:
-        probs = torch.stack([predict_proba(head, features_of(s)) for s in range(1, count + 1)])
+        probs = torch.stack([predictor.proba(features_of(s)) for s in range(1, count + 1)])
     if spec.extra:
         return fn(probs[:samples], probs[samples])
     return fn(probs)

@@ -29,7 +29,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from sparseseg.config import StrategyConfig
 from sparseseg.errors import SparsesegError
@@ -42,6 +41,7 @@ from sparseseg.selection.max_herding import max_herding
 from sparseseg.selection.rules import TopK, power_keys, top_fraction_count
 from sparseseg.selection.scores import (
     SCORES,
+    Predictor,
     check_score,
     is_diffusion,
     sample_source,
@@ -63,11 +63,11 @@ class Picks:
 
 @dataclass
 class RoundContext:
-    """Everything a strategy may use in one round."""
+    """Everything a strategy may use in one round; `predictor` is None before the first labels."""
 
     store: FeatureStore
     labels: PixelLabels
-    head: nn.Module | None
+    predictor: Predictor | None
     budget: int
     round: int
     seed: int
@@ -245,7 +245,7 @@ class TwoStageStrategy(Strategy):
         flat = local[local >= 0]
         y, x = flat // s, flat % s
         pool_size = round(self.config.pool_ratio * len(flat))
-        first_round = ctx.head is None
+        first_round = ctx.predictor is None
         keep = ctx.budget if (first_round or self.score is None) else pool_size
         if ctx.budget > pool_size and not first_round and self.score is not None:
             raise SparsesegError(
@@ -278,7 +278,7 @@ class TwoStageStrategy(Strategy):
                 tick = lambda done, total: ctx.progress(f"noise sample {sample}", done, total)  # noqa: E731
             return ctx.store.at_pixels(image, y, x, sample, progress=tick)
 
-        scores = score_features(self.score, ctx.head, features_of, ctx.noise_samples, is_diffusion(ctx.store.backbone),
+        scores = score_features(self.score, ctx.predictor, features_of, ctx.noise_samples, is_diffusion(ctx.store.backbone),
                                 derived_seed("dropout", ctx.seed, ctx.round, "pool"))[pool]
         chooser = _Chooser(self.config, self.score, ctx, len(pool))
         chooser.push(scores, torch.arange(len(pool))[:, None])
@@ -316,7 +316,7 @@ class UncertaintyStrategy(Strategy):
         return flat
 
     def select(self, ctx: RoundContext) -> Picks:
-        if ctx.head is None:
+        if ctx.predictor is None:
             picks = _random_picks(ctx, "uc-first-round")
             picks.info["first_round"] = "random"
             return picks
@@ -337,7 +337,7 @@ class UncertaintyStrategy(Strategy):
                 flat = self._pixels(ctx, image, by_image.get(image, torch.empty(0, dtype=torch.long)))
                 for t, chunk in enumerate(torch.split(flat, ctx.tile_pixels)):
                     ys, xs = chunk // s, chunk % s
-                    scores = score_features(self.score, ctx.head,
+                    scores = score_features(self.score, ctx.predictor,
                                             lambda smp, ys=ys, xs=xs, ready=ready: sample_maps(ready[smp], ys, xs, s),
                                             ctx.noise_samples, diffusion, derived_seed("dropout", ctx.seed, ctx.round, image, t))
                     chooser.push(scores, torch.stack([torch.full_like(ys, image), ys, xs], dim=1))
