@@ -93,3 +93,26 @@ def test_bad_input_is_one_clear_line_and_keeps_the_run(setup):
         Experiment(_config(root, ckpt, typo, f"backbone.checkpoint={root / 'missing.pt'}"))
     Experiment(_config(root, ckpt, typo, "rounds=1")).run()
     assert before == {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
+def test_a_validation_split_is_held_out_of_the_training_images(setup):
+    root, ckpt = setup
+    runs = {seed: Experiment(_config(root, ckpt, root / f"val{seed}", "eval_split=val", "val_fraction=0.34",
+                                     f"seed={seed}", "rounds=1", "strategy.name=random"))
+            for seed in (0, 1)}
+    everything = sorted(p.stem for p in (root / "data" / "train" / "images").iterdir())
+    first = runs[0]
+    # round(0.34 x 6) = 2 images held out, the other 4 trained on; together the whole train split
+    assert len(first.test.names) == 2 and len(first.train.names) == 4
+    assert sorted(first.train.names + first.test.names) == everything
+    assert not set(first.train.names) & set(first.test.names)
+    assert runs[1].test.names == first.test.names  # the run seed does not move the held-out images
+    picks = [row.split(",")[0] for row in _run_one(first).splitlines()[1:]]
+    assert picks and set(picks) <= set(first.train.names)
+    meta = json.loads((root / "val0" / "meta.json").read_text())
+    assert meta["dataset"]["eval_split"] == "val" and meta["dataset"]["test_images"] == 2
+
+
+def _run_one(exp):
+    exp.run()
+    return (exp.run_dir.path / "labels.csv").read_text()

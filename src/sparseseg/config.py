@@ -170,8 +170,10 @@ class ExperimentConfig(RoundSettings):
     data: Path  # a prepared dataset (sparseseg prepare ...)
     out: Path = Path("runs/experiment")
     rounds: int = Field(10, ge=1)
-    eval_split: str = "test"
+    eval_split: str = "test"  # "val" on a dataset without a val split: held out from train_split (below)
     train_split: str = "train"
+    val_fraction: float = Field(0.2, gt=0, lt=1)  # share of the training images held out as "val"
+    val_seed: int = 0  # which images are held out: the same for every run seed, so seeds stay paired
     preview_images: int = Field(4, ge=0)  # images drawn with their picks in each round's PNG
 
     @model_validator(mode="after")

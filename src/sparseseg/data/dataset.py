@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from sparseseg.errors import SparsesegError, one_line
+from sparseseg.seeding import derived_generator
 
 IGNORE_INDEX = 255
 META_FILE = "meta.json"
@@ -260,6 +261,28 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.names)
+
+
+def carve_split(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """Hold out a seeded share of a split's images: (the rest, the held-out images), both in name order.
+
+    round(fraction x N) images, at least 1 and at most N - 1, are chosen by a permutation seeded by
+    ("validation", seed) alone, so every run with the same data and seed holds out the same images.
+    """
+    n = len(split)
+    if n < 2:
+        raise SparsesegError(f"a split of {n} image(s) cannot be divided into a training and a validation part")
+    count = min(max(1, round(fraction * n)), n - 1)
+    held = torch.randperm(n, generator=derived_generator("validation", seed))[:count].sort().values
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[held] = False
+
+    def part(mask: torch.Tensor) -> Split:
+        idx = mask.nonzero().squeeze(1)
+        return Split([split.names[i] for i in idx.tolist()], split.images[idx],
+                     split.masks[idx] if split.masks is not None else None)
+
+    return part(keep), part(~keep)
 
 
 def load_split(root: Path, split: str, progress: ProgressFn | None = None) -> Split:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from sparseseg.config import ExperimentConfig
-from sparseseg.data.dataset import Split, load_meta, load_split
+from sparseseg.data.dataset import Split, carve_split, load_meta, load_split
 from sparseseg.device import peak_memory_gb
 from sparseseg.errors import SparsesegError
 from sparseseg.expansion.regions import RegionSet, Resolved, TrainingPixels, expand_clicks
@@ -26,6 +26,27 @@ from sparseseg.loop.preview import save_preview
 from sparseseg.loop.rundir import RunDirectory
 
 Progress = Callable[[str, int, int], None]
+VALIDATION = "val"
+
+
+def load_splits(config: ExperimentConfig, progress: Progress | None = None) -> tuple[Split, Split]:
+    """The training and evaluation splits of a run, both with masks.
+
+    With `eval_split: val` on a dataset that has no val split, `val_fraction` of the training images
+    (chosen by `val_seed` alone) are held out for evaluation and the rest are trained on, so settings
+    can be chosen without looking at the test split.
+    """
+    def load(split: str) -> Split:
+        tick = (lambda done, total: progress(f"loading {split}", done, total)) if progress else None
+        data = load_split(config.data, split, progress=tick)
+        if data.masks is None:
+            raise SparsesegError(f"{config.data}/{split}: no masks; the simulated loop needs ground truth")
+        return data
+
+    train = load(config.train_split)
+    if config.eval_split == VALIDATION and VALIDATION not in load_meta(config.data).splits:
+        return carve_split(train, config.val_fraction, config.val_seed)
+    return train, load(config.eval_split)
 
 
 @dataclass
@@ -47,8 +68,7 @@ class Experiment:
         self.run_dir.check()
         self.meta = load_meta(config.data)
         self.class_names = list(self.meta.classes)
-        self.train = self._load(config.train_split)
-        self.test = self._load(config.eval_split)
+        self.train, self.test = load_splits(config, progress)
         self.budget = config.budget_for(len(self.train.names))
         self.engine = Engine(config, self.class_names, default_size=self.meta.size)
         self.engine.prepare_strategy(len(self.train.names), self.meta.size, self.budget)
@@ -73,19 +93,13 @@ class Experiment:
     def completed(self) -> int:
         return len(self.records)
 
-    def _load(self, split: str) -> Split:
-        data = load_split(self.config.data, split, progress=self._tick(f"loading {split}"))
-        if data.masks is None:
-            raise SparsesegError(f"{self.config.data}/{split}: no masks; the simulated loop needs ground truth")
-        return data
-
     def _write_meta(self) -> None:
         cfg, backbone = self.config, self.engine.backbone
         info = {
             "device": self.engine.device,
             "dataset": {"root": str(cfg.data), "name": self.meta.name, "classes": self.class_names,
                         "size": self.meta.size, "train_images": len(self.train.names),
-                        "test_images": len(self.test.names)},
+                        "test_images": len(self.test.names), "eval_split": cfg.eval_split},
             "backbone": {"name": cfg.backbone.name,
                          "weights": str(cfg.backbone.checkpoint or cfg.backbone.hub_id or "shipped with the package"),
                          "input_size": backbone.input_size, "feature_dim": self.train_store.dim,

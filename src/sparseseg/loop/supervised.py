@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 
 from sparseseg.config import ExperimentConfig
-from sparseseg.data.dataset import load_meta, load_split
+from sparseseg.data.dataset import load_meta
 from sparseseg.errors import SparsesegError
 from sparseseg.features.store import DETERMINISTIC
 from sparseseg.head.mlp import train_head
 from sparseseg.io import atomic_write_text
 from sparseseg.labels import IGNORE
 from sparseseg.loop.engine import Engine, head_seed
+from sparseseg.loop.experiment import load_splits
 from sparseseg.seeding import derived_generator
 
 Progress = Callable[[str, int, int], None]
@@ -73,11 +74,7 @@ def train_supervised(config: ExperimentConfig, pixels_per_image: int = DEFAULT_P
 
     # 1. data, backbone and feature stores, as Experiment builds them
     meta = load_meta(config.data)
-    train = load_split(config.data, config.train_split, progress=tick(f"loading {config.train_split}"))
-    test = load_split(config.data, config.eval_split, progress=tick(f"loading {config.eval_split}"))
-    for split, data in ((config.train_split, train), (config.eval_split, test)):
-        if data.masks is None:
-            raise SparsesegError(f"{config.data}/{split}: no masks; the supervised reference needs ground truth")
+    train, test = load_splits(config, progress)
     engine = Engine(config, meta.classes, default_size=meta.size)
     # pixel_cache_limit=0: each pixel is read once, remembering it would only double the memory
     stores = engine.stores({config.train_split: train.images, config.eval_split: test.images},
