@@ -1,7 +1,17 @@
+import numpy as np
 import torch
 
 from sparseseg.config import HeadConfig
-from sparseseg.head.mlp import make_head, predict_proba, train_head
+from sparseseg.head.mlp import (
+    HeadEnsemble,
+    build_head,
+    head_samples,
+    make_head,
+    member_seed,
+    predict_proba,
+    train_head,
+)
+from sparseseg.head.predictor import HeadPredictor
 
 
 def test_architecture_follows_the_paper():
@@ -33,3 +43,46 @@ def test_works_with_a_single_labelled_pixel():
     head = train_head(x, y, 4, HeadConfig(epochs=5), seed=0)
     probs = predict_proba(head, x)
     assert probs.shape == (1, 4) and torch.allclose(probs.sum(1), torch.ones(1))
+
+
+def test_an_ensemble_of_one_is_the_single_head():
+    x, y = _blobs(5)
+    single = train_head(x, y, 3, HeadConfig(epochs=10), seed=4)
+    one = train_head(x, y, 3, HeadConfig(epochs=10, ensemble=1), seed=4)
+    assert isinstance(one, torch.nn.Sequential)
+    for a, b in zip(single.state_dict().values(), one.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_an_ensemble_predicts_the_mean_of_its_members_and_samples_them():
+    x, y = _blobs(5)
+    cfg = HeadConfig(epochs=10, ensemble=4)
+    ens = train_head(x, y, 3, cfg, seed=4)
+    assert isinstance(ens, HeadEnsemble) and len(ens.members) == 4 and not ens.training
+    # member i is exactly the single head trained with member_seed(4, i), member 0 with the seed itself
+    alone = [train_head(x, y, 3, HeadConfig(epochs=10), seed=member_seed(4, i)) for i in range(4)]
+    assert member_seed(4, 0) == 4 and len({member_seed(4, i) for i in range(4)}) == 4
+    for member, ref in zip(ens.members, alone, strict=True):
+        for a, b in zip(member.state_dict().values(), ref.state_dict().values(), strict=True):
+            assert torch.equal(a, b)
+    x_test, _ = _blobs(20, seed=9)
+    # independent reference: numpy softmax of each member's logits, averaged
+    logits = [ref(x_test).detach().double().numpy() for ref in alone]
+    soft = [np.exp(z - z.max(1, keepdims=True)) / np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)
+            for z in logits]
+    np.testing.assert_allclose(predict_proba(ens, x_test).double().numpy(), np.mean(soft, axis=0), atol=1e-6)
+    samples = HeadPredictor(ens).sample_proba(x_test, 3, seed=0)
+    assert samples.shape == (3, len(x_test), 3)
+    np.testing.assert_allclose(samples.double().numpy(), np.stack(soft[:3]), atol=1e-6)
+    assert HeadPredictor(ens).can_sample and not HeadPredictor(alone[0]).can_sample
+
+
+def test_an_ensemble_round_trips_through_its_state_dict():
+    x, y = _blobs(5)
+    cfg = HeadConfig(epochs=5, ensemble=3)
+    ens = train_head(x, y, 3, cfg, seed=0)
+    again = build_head(x.shape[1], 3, cfg)
+    again.load_state_dict(ens.state_dict())
+    again.eval()
+    assert torch.equal(predict_proba(ens, x), predict_proba(again, x))
+    assert head_samples(cfg) == 3 and head_samples(HeadConfig()) == 0 and head_samples(HeadConfig(dropout=0.1)) > 99

@@ -260,6 +260,23 @@ def test_single_stage_streaming_equals_exhaustive_top_b(world, score):
     assert torch.equal(got, expected)
 
 
+def test_ebald_on_an_ensemble_scores_its_members(world):
+    store, masks = world
+    labels = _labels(masks)
+    feats = store.at_pixels(labels.image, labels.y, labels.x)
+    head = train_head(feats, labels.cls, 3, HeadConfig(epochs=5, ensemble=4), seed=0)
+    picks = create_strategy(_config("ebald")).select(_ctx(store, labels, head, budget=7))
+    # exhaustive reference from each member alone: MI over members 0..2 (S = 3), entropy of member 3
+    s = SIZE
+    flat = torch.arange(N * s * s)
+    z = store.at_pixels(flat // (s * s), (flat % (s * s)) // s, flat % s)
+    members = [predict_proba(m, z) for m in head.members]
+    sc = uncertainty.edald(torch.stack(members[:3]), members[3])
+    sc[labels.flat_index(s)] = -float("inf")
+    got = (picks.image * s + picks.y) * s + picks.x
+    assert torch.equal(got, torch.argsort(sc, descending=True, stable=True)[:7])
+
+
 def test_single_stage_first_round_is_random_and_pixel_subsample_is_respected(world):
     store, masks = world
     picks = create_strategy(_config("entropy")).select(_ctx(store, PixelLabels(), None, round=1))
@@ -320,5 +337,10 @@ def test_strategy_requirements_are_checked_up_front():
     check_strategy(create_strategy(_config("balentacq")), diffusion, head_dropout=0.0)  # noise samples
     with pytest.raises(SparsesegError, match="head.dropout"):
         check_strategy(create_strategy(_config("balentacq")), plain, head_dropout=0.0)  # MC dropout
+    # an ensemble of heads is a sample source too: S members for the MI, one more for eBALD's entropy
+    check_strategy(create_strategy(_config("ebald", noise_samples=3)), plain, head_dropout=0.0, head_ensemble=4)
+    with pytest.raises(SparsesegError, match="needs 4 head samples .* head.ensemble=3"):
+        check_strategy(create_strategy(_config("two_stage_ebald", noise_samples=3)), plain, head_dropout=0.1,
+                       head_ensemble=3)
     assert set(SCORES) == {"entropy", "margin", "least_confidence", "bald", "ebald", "dald", "edald",
                            "power_bald", "power_dald", "balentacq"}

@@ -217,7 +217,7 @@ class Project:
         It is seeded by the engine's head seed rule with the latest round that has an answer.
         Returns (None, None) when no answer can be trained on yet.
         """
-        from sparseseg.head.mlp import make_head, predict_proba
+        from sparseseg.head.mlp import build_head, predict_proba
 
         snap = snap or self.store.snapshot()
         labels = self._queried_labels(snap)
@@ -236,8 +236,7 @@ class Project:
             try:
                 saved = torch.load(path, map_location=engine.device, weights_only=True)
                 if saved.get("fingerprint") == fingerprint:
-                    head = make_head(store.dim, len(self.classes), self.config.head.hidden,
-                                     dropout=self.config.head.dropout).to(engine.device)
+                    head = build_head(store.dim, len(self.classes), self.config.head).to(engine.device)
                     head.load_state_dict(saved["state_dict"])
                     head.eval()
             except Exception:  # an unreadable or outdated head.pt is simply retrained

@@ -6,10 +6,13 @@ Only the labelled pixels' features are needed to train it, and they are extracte
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
 from sparseseg.config import HeadConfig
+from sparseseg.seeding import derived_seed
 
 
 def default_hidden(num_classes: int) -> tuple[int, int]:
@@ -33,6 +36,34 @@ def make_head(dim: int, num_classes: int, hidden: tuple[int, ...] | None = None,
         width = h
     layers.append(nn.Linear(width, num_classes))
     return nn.Sequential(*layers)
+
+
+class HeadEnsemble(nn.Module):
+    """Several heads trained from different seeds; the prediction is the mean of their probabilities.
+
+    `forward` returns the log of that mean, so `predict_proba` (a softmax of the output) gives the
+    mean probabilities and argmax the ensemble's class, wherever a single head is used.
+    """
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([torch.softmax(m(x).float(), dim=1) for m in self.members]).mean(0)
+        return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+
+
+def build_head(dim: int, num_classes: int, config: HeadConfig) -> nn.Module:
+    """An untrained head as `config` describes it: one MLP, or a `HeadEnsemble` of `config.ensemble` MLPs
+    (for loading saved weights)."""
+    members = [make_head(dim, num_classes, config.hidden, config.dropout) for _ in range(config.ensemble)]
+    return members[0] if config.ensemble == 1 else HeadEnsemble(members)
+
+
+def member_seed(seed: int, member: int) -> int:
+    """Member 0 of an ensemble takes the head's own seed, so an ensemble of one is the single head."""
+    return seed if member == 0 else derived_seed(seed, "member", member)
 
 
 def train_head(
@@ -59,16 +90,19 @@ def train_head(
             so SAM region pixels can share one click's weight (docs/expansion.md).
 
     Returns:
-        The trained head in eval mode, on `device`.
+        The trained head in eval mode, on `device`: one MLP, or with `config.ensemble` > 1 a
+        `HeadEnsemble` whose member i is trained with `member_seed(seed, i)`.
     """
     # One thread: a multi-threaded CPU BLAS may split sums differently under load, and a replayed
     # round must train the same head bit for bit. The head is small; one thread costs little.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train(features, labels, num_classes, config, seed, device, weights)
+        members = [_train(features, labels, num_classes, config, member_seed(seed, i), device, weights)
+                   for i in range(config.ensemble)]
     finally:
         torch.set_num_threads(threads)
+    return members[0] if config.ensemble == 1 else HeadEnsemble(members).eval()
 
 
 def _train(features, labels, num_classes, config, seed, device, weights=None) -> nn.Sequential:
@@ -122,12 +156,38 @@ def predict_proba(head: nn.Module, features: torch.Tensor, batch: int = 65536) -
     """Softmax probabilities (n, C) for features (n, D), in batches, head in eval mode."""
     device = next(head.parameters()).device
     out = [torch.softmax(head(chunk.to(device)).float(), dim=1).cpu() for chunk in torch.split(features, batch)]
-    return torch.cat(out) if out else torch.empty(0, head[-1].out_features)
+    return torch.cat(out) if out else torch.empty(0, num_classes_of(head))
+
+
+def num_classes_of(head: nn.Module) -> int:
+    """The number of classes a head predicts (its last linear layer's outputs)."""
+    return [m for m in head.modules() if isinstance(m, nn.Linear)][-1].out_features
 
 
 def has_dropout(head: nn.Module) -> bool:
     """Whether the head has Dropout layers to sample from."""
     return any(isinstance(m, nn.Dropout) and m.p > 0 for m in head.modules())
+
+
+def head_samples(config: HeadConfig) -> int:
+    """How many different probability samples a head trained with `config` can give BALD-type scores:
+    its members (an ensemble), unbounded (MC dropout: sys.maxsize), or 0."""
+    if config.ensemble > 1:
+        return config.ensemble
+    return sys.maxsize if config.dropout > 0 else 0
+
+
+@torch.no_grad()
+def member_proba(head: HeadEnsemble, features: torch.Tensor, members: int, batch: int = 65536) -> torch.Tensor:
+    """Softmax probabilities of the first `members` members of an ensemble: (members, n, C)."""
+    if members > len(head.members):
+        raise ValueError(f"{members} samples asked of an ensemble of {len(head.members)} heads")
+    device = next(head.parameters()).device
+    return torch.stack([
+        torch.cat([torch.softmax(m(chunk.to(device)).float(), dim=1).cpu() for chunk in torch.split(features, batch)])
+        if len(features) else torch.empty(0, m[-1].out_features)
+        for m in list(head.members)[:members]
+    ])
 
 
 @torch.no_grad()
@@ -149,7 +209,7 @@ def mc_dropout_proba(head: nn.Module, features: torch.Tensor, passes: int, seed:
             out = torch.stack([
                 torch.cat([torch.softmax(head(chunk.to(device)).float(), dim=1).cpu()
                            for chunk in torch.split(features, batch)])
-                if len(features) else torch.empty(0, head[-1].out_features)
+                if len(features) else torch.empty(0, num_classes_of(head))
                 for _ in range(passes)
             ])
         finally:

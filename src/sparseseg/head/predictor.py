@@ -9,11 +9,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparseseg.head.mlp import has_dropout, mc_dropout_proba, predict_proba
+from sparseseg.head.mlp import HeadEnsemble, has_dropout, mc_dropout_proba, member_proba, predict_proba
 
 
 class HeadPredictor:
-    """Probabilities from one trained MLP head; its samples are MC-dropout passes.
+    """Probabilities from a trained head. Its samples are the members of an ensemble (their first S),
+    else MC-dropout passes.
 
     Args:
         head: a trained head (`head.mlp.train_head`), in eval mode.
@@ -24,13 +25,16 @@ class HeadPredictor:
 
     @property
     def can_sample(self) -> bool:
-        """Whether `sample_proba` can draw different samples (the head has dropout)."""
-        return has_dropout(self.head)
+        """Whether `sample_proba` can draw different samples (an ensemble, or a head with dropout)."""
+        return isinstance(self.head, HeadEnsemble) or has_dropout(self.head)
 
     def proba(self, features: torch.Tensor) -> torch.Tensor:
         """(n, C) softmax probabilities of (n, D) features."""
         return predict_proba(self.head, features)
 
     def sample_proba(self, features: torch.Tensor, samples: int, seed: int) -> torch.Tensor:
-        """(samples, n, C) probabilities of `samples` MC-dropout passes, their masks seeded by `seed`."""
+        """(samples, n, C): the first `samples` members' probabilities (an ensemble; `seed` unused), or
+        `samples` MC-dropout passes with masks seeded by `seed`."""
+        if isinstance(self.head, HeadEnsemble):
+            return member_proba(self.head, features, samples)
         return mc_dropout_proba(self.head, features, samples, seed)

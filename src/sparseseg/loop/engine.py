@@ -121,7 +121,7 @@ class Engine:
         """Build the configured strategy and fail before any work when it cannot run here."""
         strategy = create_strategy(self.settings.strategy)
         strategy.check_budget(num_images, size, budget)
-        check_strategy(strategy, self.backbone, self.settings.head.dropout)
+        check_strategy(strategy, self.backbone, self.settings.head.dropout, self.settings.head.ensemble)
         self.strategy = strategy
         return strategy
 

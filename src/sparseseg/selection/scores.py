@@ -4,16 +4,19 @@
 | ------------------ | ------------------------------------------------ | ---------------------------- |
 | entropy, margin,   | one deterministic pass (noise sample 0)          | `uncertainty.<name>`         |
 | least_confidence   |                                                  |                              |
-| bald               | S MC-dropout passes of the head on sample 0      | mutual information           |
-| ebald              | S MC-dropout passes + 1 independent pass         | MI + entropy of the extra    |
+| bald               | S head samples on noise sample 0: MC-dropout     | mutual information           |
+|                    | passes, or S members of a head ensemble          |                              |
+| ebald              | S head samples + 1 independent one               | MI + entropy of the extra    |
 | dald               | S diffusion noise samples (1..S)                 | mutual information (Eq. 5-7) |
 | edald              | S noise samples + the independent z(0) (S+1)     | MI + entropy of z(0) (Eq. 8) |
 | power_bald/_dald   | as bald/dald                                     | power sampling, see `rules`  |
 | balentacq          | noise samples on a diffusion backbone, else      | `uncertainty.balentacq`      |
 |                    | MC-dropout passes                                |                              |
 
-S is `strategy.noise_samples`. MC-dropout passes need a head trained with `head.dropout > 0`;
-noise samples need a diffusion backbone (one whose maps carry a timestep).
+S is `strategy.noise_samples`. Head samples are the members of an ensemble of heads (`head.ensemble`
+> S; members 1..S for the MI, member S+1 as the independent one) or MC-dropout passes of a head
+trained with `head.dropout > 0`; noise samples need a diffusion backbone (one whose maps carry a
+timestep).
 
 Probabilities come from a `Predictor` that the caller passes in (the loop wraps its trained head in
 one), so selection never runs the head itself.
@@ -86,8 +89,16 @@ def sample_source(name: str, diffusion: bool) -> str:
     return source
 
 
-def check_score(name: str, diffusion: bool, head_dropout: float) -> None:
-    """Fail before any work when a score cannot be computed with this backbone and head."""
+def check_score(name: str, diffusion: bool, head_dropout: float, head_ensemble: int = 1, samples: int = 1) -> None:
+    """Fail before any work when a score cannot be computed with this backbone and head.
+
+    Args:
+        name: a key of SCORES.
+        diffusion: whether the backbone has noise samples.
+        head_dropout, head_ensemble: the head's settings; the head's samples are the members of an
+            ensemble (then at least S, plus one for eBALD, are needed), else MC-dropout passes.
+        samples: S, `strategy.noise_samples`.
+    """
     if name not in SCORES:
         raise SparsesegError(f"unknown uncertainty score {name!r}; choose one of {sorted(SCORES)}")
     source = sample_source(name, diffusion)
@@ -96,8 +107,16 @@ def check_score(name: str, diffusion: bool, head_dropout: float) -> None:
             f"{name} needs diffusion noise samples, and this backbone has no timesteps: "
             "use the MC-dropout counterpart (bald, ebald, power_bald) with head.dropout > 0"
         )
-    if source == "dropout" and head_dropout <= 0:
-        raise SparsesegError(f"{name} samples MC dropout from the head: set head.dropout > 0 (for example 0.1)")
+    if source == "dropout" and head_ensemble > 1:
+        needed = samples + (1 if SCORES[name].extra else 0)
+        if head_ensemble < needed:
+            raise SparsesegError(
+                f"{name} needs {needed} head samples (strategy.noise_samples={samples}"
+                f"{' + 1 independent' if SCORES[name].extra else ''}) but head.ensemble={head_ensemble}: "
+                f"set head.ensemble >= {needed} or lower strategy.noise_samples")
+    elif source == "dropout" and head_dropout <= 0:
+        raise SparsesegError(f"{name} samples MC dropout from the head: set head.dropout > 0 (for example 0.1), "
+                             "or train an ensemble of heads (head.ensemble > 1)")
 
 
 def score_features(
@@ -126,7 +145,8 @@ def score_features(
     count = samples + (1 if spec.extra else 0)
     if source == "dropout":
         if not predictor.can_sample:
-            raise SparsesegError(f"{name} samples MC dropout from the head: set head.dropout > 0 (for example 0.1)")
+            raise SparsesegError(f"{name} samples MC dropout from the head: set head.dropout > 0 (for example 0.1), "
+                                 "or train an ensemble of heads (head.ensemble > 1)")
         probs = predictor.sample_proba(features_of(DETERMINISTIC), count, seed)
     else:
         probs = torch.stack([predictor.proba(features_of(s)) for s in range(1, count + 1)])

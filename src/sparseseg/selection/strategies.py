@@ -94,10 +94,10 @@ class Strategy:
             raise SparsesegError(f"budget {budget} is larger than the {num_images * size * size} pixels of the images")
 
 
-def check_strategy(strategy: Strategy, backbone, head_dropout: float) -> None:
+def check_strategy(strategy: Strategy, backbone, head_dropout: float, head_ensemble: int = 1) -> None:
     """Fail before any work when a strategy's scores cannot be computed with this backbone and head."""
     for name in strategy.scores:
-        check_score(name, is_diffusion(backbone), head_dropout)
+        check_score(name, is_diffusion(backbone), head_dropout, head_ensemble, strategy.config.noise_samples)
 
 
 def _random_picks(ctx: RoundContext, purpose: str = "random") -> Picks:
