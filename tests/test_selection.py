@@ -197,6 +197,41 @@ def test_lazy_equals_naive(pool, with_labelled):
         assert torch.equal(lazy_by_block[64], lazy_by_block[4096])
 
 
+@pytest.mark.parametrize("method", ["lazy", "stochastic"])
+def test_every_method_computes_a_row_at_the_same_slot(monkeypatch, method):
+    # A BLAS may give a row other last bits at another position of the product (MKL does for
+    # float64 rows in a tail panel). Simulate one that always does: each kernel row is shifted by
+    # (its position + 1) x 1e-9. Exact ties between duplicated points then become position
+    # dependent, so lazy == naive only if every method evaluates a candidate's row at one position.
+    real_rbf = kernels.rbf
+
+    def positional(a, b, sigma, **kw):
+        out = real_rbf(a, b, sigma, **kw)
+        return out + 1e-9 * torch.arange(1, a.shape[0] + 1, dtype=out.dtype)[:, None]
+
+    monkeypatch.setattr(kernels, "rbf", positional)
+    seen = []
+    for seed in range(3):
+        z = _duplicated_pool(seed, n=200, d=8)
+        sigma = median_bandwidth(z, generator=torch.Generator().manual_seed(seed))
+        for block_size in (5, 7, 32):
+            naive = herd(z, 40, sigma, method="naive", block_size=block_size)
+            if method == "lazy":
+                assert torch.equal(naive, herd(z, 40, sigma, method="lazy", block_size=block_size)), (seed, block_size)
+            else:
+                # stochastic greedy evaluates a random sample; with epsilon tiny the sample is the
+                # whole pool at every step, so it is the naive greedy too.
+                picks = herd(z, 40, sigma, method="stochastic", block_size=block_size, epsilon=1e-300,
+                             generator=torch.Generator().manual_seed(seed))
+                assert torch.equal(naive, picks), (seed, block_size)
+            seen.append(naive)
+    # The shift did decide ties: the picks are not those of the unshifted kernel everywhere.
+    monkeypatch.setattr(kernels, "rbf", real_rbf)
+    z = _duplicated_pool(0, n=200, d=8)
+    sigma = median_bandwidth(z, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(seen[0], herd(z, 40, sigma, method="naive", block_size=5))
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_lazy_equals_naive_to_the_whole_pool(dtype):
     # k == n: every point picked once, including all the exact zero-gain ties at the end.

@@ -9,20 +9,33 @@ facility location divided by n: monotone submodular, so the lazy greedy optimise
 are valid upper bounds) returns exactly the picks of the naive greedy, with far fewer kernel
 evaluations. The reference code runs the naive greedy over a dense n x n kernel.
 
-Exactness of lazy == naive. Two things would make them differ in floating point, and both are
-designed out here:
+Exactness of lazy == naive. lazy == naive holds when every method computes every per-candidate
+quantity -- the kernel row k(z_j, ·) and the gain -- with the same bits. Floating point makes that
+fragile, and it is designed in here rather than hoped for:
 
-* BLAS results depend on the matrix shape (a 1-row matmul takes a different code path from a
-  32-row one, and a long reduction dimension is blocked differently by shape). So every kernel
-  row, in every method, comes from `kernels.rbf` on a batch of exactly R = min(block_size,
-  EVAL_ROWS) candidate rows against the whole pool (short batches are padded by repeating the
-  last index). The value of k(x_j, ·) is then the same bits whichever batch j is evaluated in.
-* Gains come from one shared function, `_gains`, applied to (R, n) blocks in every method.
-  The lazy row cache stores those same rows, so cached and recomputed rows are the same bits.
+* A BLAS result depends on the shape of the product (a 1-row matmul takes another code path than
+  a 32-row one; the reduction dimension is blocked by shape) AND on the position of a row inside
+  the product: MKL computes float64 rows in a tail panel (rows 4..6 of a 7-row product, say) with
+  another instruction sequence than rows in a full panel, so the same row gets other last bits at
+  another position. So every kernel row, in every method and in the row cache, is row `j mod R`
+  of an `kernels.rbf` call on exactly R = min(block_size, EVAL_ROWS) rows against the whole pool:
+  a batch holds at most one candidate per residue mod R, at its own slot; free slots are padding
+  whose values are discarded. Row t of a matrix product depends on row t of the left operand
+  only, so what the other slots hold cannot change it.
+* Gains come from one shared function, `_gains`, applied to (R, n) blocks laid out the same way
+  (candidate j at slot j mod R) in every method: the reduction over the pool runs at the same
+  position of the same shape, on rows with the same bits. The row cache stores the rows `rbf`
+  produced and puts them back at their slot.
+* Elementwise IEEE operations (subtraction, clamp, max) are correctly rounded, so they give the
+  same bits wherever they run. `exp` (vectorised, with a scalar tail) and the row reduction need
+  not; they always see the same row at the same offset of a same-shaped buffer.
 
-With identical kernel rows and gains, the monotonicity of floating-point subtraction and
-addition keeps stale gains valid upper bounds bit for bit, and ties are broken the same way
-(lowest index wins) by ordering the lazy heap on (-gain, index).
+What remains assumed is only that one operation on identical operands at an identical position
+gives identical bits (a deterministic library with a fixed thread count: MKL with several threads
+and dynamic threading can split work differently from call to call). Given identical kernel rows
+and gains, the monotonicity of floating-point subtraction and addition keeps stale gains valid
+upper bounds bit for bit, and ties are broken the same way (lowest index wins) by ordering the
+lazy heap on (-gain, index).
 
 Memory. Nothing here ever needs the n x n kernel except the "naive" reference. `max_memory_gb`
 caps the tensors a call allocates (the input features themselves are the caller's and are not
@@ -132,14 +145,19 @@ class _Pool:
         if not bool(torch.isfinite(self.sqnorm).all()):
             raise _not_finite(name)
 
-    def kernel_rows(self, idx: Sequence[int] | torch.Tensor) -> torch.Tensor:
-        """(R, n) kernel rows k(z_j, z) for the candidates `idx` (len <= R), padded to R rows."""
-        idx = torch.as_tensor(idx, dtype=torch.long, device=self.z.device)
-        m = idx.numel()
-        if m < self.rows:
-            # Always the same matmul shape: pad with copies of the last index (results discarded).
-            idx = torch.cat([idx, idx[-1:].expand(self.rows - m)])
-        return kernels.rbf(self.z[idx], self.z, self.sigma, a_sqnorm=self.sqnorm[idx], b_sqnorm=self.sqnorm)
+    def kernel_rows(self, idx: Sequence[int]) -> torch.Tensor:
+        """(R, n) kernel block: row `j mod R` is k(z_j, z) for each candidate j in `idx`.
+
+        `idx` holds at most one candidate per residue mod R (see `_slot_batches`). The other rows
+        are padding (copies of idx[0]'s row; discard them). Every kernel row of every method comes
+        from here, so a row always has the same slot in the same shape: the same bits.
+        """
+        first = int(idx[0])
+        sel = [first] * self.rows
+        for j in idx:
+            sel[j % self.rows] = j
+        sel_t = torch.tensor(sel, dtype=torch.long, device=self.z.device)
+        return kernels.rbf(self.z[sel_t], self.z, self.sigma, a_sqnorm=self.sqnorm[sel_t], b_sqnorm=self.sqnorm)
 
     def source_rows(
         self, src: torch.Tensor, start: int, stop: int, idx: torch.Tensor | None
@@ -167,17 +185,31 @@ class _Pool:
 def _gains(rows: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
     """Marginal gains (times n) of the candidates whose kernel rows are given.
 
-    gain_j = Σ_i max(0, k(z_j, z_i) - cov_i). Always called on (R, n) blocks so the reduction runs
-    over identically shaped tensors in every method.
+    gain_j = Σ_i max(0, k(z_j, z_i) - cov_i). Always called on (R, n) blocks with candidate j at
+    slot j mod R, so a candidate's reduction runs at the same position of the same shape in every
+    method (module docstring).
 
     Args:
-        rows: (R, n) kernel rows.
+        rows: (R, n) kernel rows, slot layout.
         cov: (n,) current coverage (running max of the kernel to L ∪ S, 0 if nothing yet).
 
     Returns:
-        (R,) gains.
+        (R,) gains, by slot.
     """
     return (rows - cov[None, :]).clamp_(min=0.0).sum(dim=1)
+
+
+def _slot_batches(cands: Sequence[int], r: int) -> list[list[int]]:
+    """Split candidates into batches holding at most one candidate per residue mod r.
+
+    Batch t takes the t-th candidate (in the given order) of every residue class, so there are
+    as many batches as the largest class has members.
+    """
+    by_slot: dict[int, list[int]] = {}
+    for j in cands:
+        by_slot.setdefault(j % r, []).append(j)
+    depth = max((len(v) for v in by_slot.values()), default=0)
+    return [[v[t] for v in by_slot.values() if t < len(v)] for t in range(depth)]
 
 
 def _initial_coverage(
@@ -232,9 +264,9 @@ class _RowCache:
     """Kernel rows of the most promising candidates, at most `capacity` of them.
 
     Lazy greedy refreshes the same top candidates again and again; recomputing k(z_j, ·) costs
-    O(n·D), reading a cached row O(n). Cached rows are the very bits `kernel_rows` produced, so
-    gains computed from them are identical. When full, the cache drops the candidate with the
-    lowest current upper bound (the one the heap reaches last).
+    O(n·D), reading a cached row O(n). Cached rows are the very bits `kernel_rows` produced and go
+    back to the same slot, so gains computed from them are identical. When full, the cache drops
+    the candidate with the lowest current upper bound (the one the heap reaches last).
     """
 
     def __init__(self, pool: _Pool, capacity: int) -> None:
@@ -247,33 +279,35 @@ class _RowCache:
         self.bound = torch.full((capacity,), -math.inf, dtype=torch.float64)
 
     def rows(self, idx: list[int]) -> torch.Tensor:
-        """(R, n) kernel rows for `idx` (len <= R); rows past len(idx) are padding."""
+        """(R, n) kernel block for `idx` (at most one candidate per residue mod R), slot layout
+        as `_Pool.kernel_rows`: cached rows copied to their slot, the others computed."""
         pool = self.pool
-        hit = [t for t, j in enumerate(idx) if j in self.slot] if self.slot else []
+        r, dev = pool.rows, pool.z.device
+        hit = [j for j in idx if j in self.slot] if self.slot else []
         if not hit:
             return pool.kernel_rows(idx)
         assert self.store is not None
-        dev = pool.z.device
-        if len(hit) == len(idx):
-            slots = [self.slot[j] for j in idx]
-            slots += [slots[-1]] * (pool.rows - len(slots))
-            return self.store[torch.tensor(slots, device=dev)]
-        miss = [t for t, j in enumerate(idx) if j not in self.slot]
-        fresh = pool.kernel_rows([idx[t] for t in miss])
-        out = torch.empty(pool.rows, pool.n, dtype=pool.z.dtype, device=dev)
-        out[torch.tensor(hit, device=dev)] = self.store[
-            torch.tensor([self.slot[idx[t]] for t in hit], device=dev)
+        miss = [j for j in idx if j not in self.slot]
+        if not miss:
+            # One gather; free slots repeat the first hit's row (padding, discarded).
+            sel = [self.slot[hit[0]]] * r
+            for j in hit:
+                sel[j % r] = self.slot[j]
+            return self.store[torch.tensor(sel, device=dev)]
+        out = pool.kernel_rows(miss)
+        out[torch.tensor([j % r for j in hit], device=dev)] = self.store[
+            torch.tensor([self.slot[j] for j in hit], device=dev)
         ]
-        out[torch.tensor(miss, device=dev)] = fresh[: len(miss)]
-        out[len(idx) :] = out[len(idx) - 1]
         return out
 
     def offer(self, idx: list[int], gains: list[float], rows: torch.Tensor, skip: int = -1) -> None:
-        """Record fresh bounds (rows[t] is idx[t]'s row); cache rows that beat the worst cached one."""
+        """Record fresh bounds (gains[t] is idx[t]'s, its row is rows[idx[t] mod R]); cache rows
+        that beat the worst cached one. Candidate `skip` (just picked) is left out."""
         if self.capacity == 0:
             return
-        for t, (j, g) in enumerate(zip(idx, gains, strict=True)):
-            if t == skip:
+        r = self.pool.rows
+        for j, g in zip(idx, gains, strict=True):
+            if j == skip:
                 continue
             s = self.slot.get(j)
             if s is None:
@@ -286,7 +320,7 @@ class _RowCache:
                     )
                 if self.owner[s] >= 0:
                     del self.slot[self.owner[s]]
-                self.store[s] = rows[t]
+                self.store[s] = rows[j % r]
                 self.owner[s] = j
                 self.slot[j] = s
             self.bound[s] = g
@@ -298,13 +332,34 @@ class _RowCache:
             self.bound[s] = -math.inf
 
 
+def _pop_batch(heap: list[tuple[float, int]], r: int) -> list[tuple[float, int]]:
+    """Pop up to r of the most promising heap entries, at most one per residue mod r.
+
+    Entries whose slot is already taken go back on the heap unchanged (their stale bounds stay
+    valid); at most 2r entries are looked at.
+    """
+    batch: list[tuple[float, int]] = []
+    deferred: list[tuple[float, int]] = []
+    taken: set[int] = set()
+    while heap and len(batch) < r and len(batch) + len(deferred) < 2 * r:
+        key = heapq.heappop(heap)
+        if key[1] % r in taken:
+            deferred.append(key)
+        else:
+            taken.add(key[1] % r)
+            batch.append(key)
+    for key in deferred:
+        heapq.heappush(heap, key)
+    return batch
+
+
 def _lazy(pool: _Pool, k: int, cov: torch.Tensor, cache_rows: int) -> list[int]:
     n, r = pool.n, pool.rows
     cache = _RowCache(pool, min(cache_rows, n))
     # Heap of (-gain upper bound, index): the smallest key is the largest bound, lowest index
     # first among equal bounds -- the same tie-break as the naive argmax.
     heap: list[tuple[float, int]] = []
-    for start in range(0, n, r):
+    for start in range(0, n, r):  # aligned batches: candidate j at slot j mod r
         idx = list(range(start, min(start + r, n)))
         rows = pool.kernel_rows(idx)
         g = _gains(rows, cov)[: len(idx)].tolist()
@@ -314,11 +369,11 @@ def _lazy(pool: _Pool, k: int, cov: torch.Tensor, cache_rows: int) -> list[int]:
     heapq.heapify(heap)
     out: list[int] = []
     while len(out) < k:
-        # Refresh the R most promising candidates at once.
-        batch = [heapq.heappop(heap) for _ in range(min(r, len(heap)))]
-        idx = [j for _, j in batch]
+        # Refresh the most promising candidates at once (one per slot).
+        idx = [j for _, j in _pop_batch(heap, r)]
         rows = cache.rows(idx)
-        g = _gains(rows, cov)[: len(idx)].tolist()
+        by_slot = _gains(rows, cov).tolist()
+        g = [by_slot[j % r] for j in idx]
         keys = [(-gi, j) for gi, j in zip(g, idx, strict=True)]
         best = min(range(len(keys)), key=keys.__getitem__)
         # Every key left in the heap is a lower bound on its true key (submodularity), so a
@@ -326,9 +381,9 @@ def _lazy(pool: _Pool, k: int, cov: torch.Tensor, cache_rows: int) -> list[int]:
         picked = not heap or keys[best] <= heap[0]
         if picked:
             out.append(idx[best])
-            torch.maximum(cov, rows[best], out=cov)
+            torch.maximum(cov, rows[idx[best] % r], out=cov)
             cache.drop(idx[best])
-        cache.offer(idx, g, rows, skip=best if picked else -1)
+        cache.offer(idx, g, rows, skip=idx[best] if picked else -1)
         for t, key in enumerate(keys):
             if not (picked and t == best):
                 heapq.heappush(heap, key)
@@ -348,18 +403,17 @@ def _stochastic(
         remaining = available.nonzero().squeeze(1)
         s = min(sample_size, remaining.numel())
         perm = torch.randperm(remaining.numel(), generator=generator, device=gen_device)[:s]
-        # Ascending order + strict ">" below: lowest index wins ties within the sample.
-        cand = remaining[perm.to(remaining.device)].sort().values.tolist()
-        best_g, best_j, best_row = -math.inf, -1, None
-        for start in range(0, len(cand), r):
-            idx = cand[start : start + r]
+        cand = remaining[perm.to(remaining.device)].tolist()
+        # Largest gain, lowest index on ties within the sample.
+        best_key, best_row = (math.inf, -1), None
+        for idx in _slot_batches(cand, r):
             rows = pool.kernel_rows(idx)
-            g = _gains(rows, cov)[: len(idx)]
-            t = int(torch.argmax(g))
-            if float(g[t]) > best_g:
-                best_g, best_j, best_row = float(g[t]), idx[t], rows[t].clone()
-        out.append(best_j)
-        available[best_j] = False
+            by_slot = _gains(rows, cov).tolist()
+            j = min(idx, key=lambda j: (-by_slot[j % r], j))
+            if (-by_slot[j % r], j) < best_key:
+                best_key, best_row = (-by_slot[j % r], j), rows[j % r].clone()
+        out.append(best_key[1])
+        available[best_key[1]] = False
         torch.maximum(cov, best_row, out=cov)
     return out
 
