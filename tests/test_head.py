@@ -1,9 +1,11 @@
 import numpy as np
+import pytest
 import torch
 
 from sparseseg.config import HeadConfig
 from sparseseg.head.mlp import (
     HeadEnsemble,
+    balanced_weights,
     build_head,
     head_samples,
     make_head,
@@ -86,3 +88,14 @@ def test_an_ensemble_round_trips_through_its_state_dict():
     again.eval()
     assert torch.equal(predict_proba(ens, x), predict_proba(again, x))
     assert head_samples(cfg) == 3 and head_samples(HeadConfig()) == 0 and head_samples(HeadConfig(dropout=0.1)) > 99
+
+
+def test_balanced_weights_give_every_class_the_same_total():
+    labels = torch.tensor([0, 0, 0, 1, 2, 2])
+    # by hand: W = 6, K = 3, W_0 = 3, W_1 = 1, W_2 = 2 -> 6 / (3 W_c) = 2/3, 2, 1
+    torch.testing.assert_close(balanced_weights(labels), torch.tensor([2 / 3, 2 / 3, 2 / 3, 2.0, 1.0, 1.0]))
+    w = torch.tensor([1.0, 1.0, 1.0, 0.5, 0.25, 0.25])  # region pixels share a click's weight
+    got = balanced_weights(labels, w)
+    totals = [float(got[labels == c].sum()) for c in range(3)]
+    assert totals == pytest.approx([float(w.sum()) / 3] * 3) and float(got.sum()) == pytest.approx(float(w.sum()))
+    assert float(got[4] / got[5]) == pytest.approx(1.0) and float(got[3]) == pytest.approx(float(w.sum()) / 3)

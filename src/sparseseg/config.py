@@ -76,6 +76,7 @@ class HeadConfig(_Frozen):
     patience: int = Field(50, ge=1)  # early stop: iterations without loss improvement ...
     target_accuracy: float = 0.95  # ... once training accuracy exceeds this (paper, Sec. 4.2)
     dropout: float = Field(0.0, ge=0, lt=1)  # after each hidden block; > 0 for MC-dropout scores (BALD)
+    class_weighting: Literal["none", "balanced"] = "none"  # balanced: each class seen weighs the same in the loss
     ensemble: int = Field(1, ge=1)  # heads trained from different seeds (LEDM trains 10): their mean predicts,
     #                                 and their disagreement is the sample source of BALD-type scores
 

@@ -38,6 +38,23 @@ def make_head(dim: int, num_classes: int, hidden: tuple[int, ...] | None = None,
     return nn.Sequential(*layers)
 
 
+def balanced_weights(labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-pixel loss weights under which every class present weighs the same in total.
+
+    A pixel of class c gets w_i * W / (K * W_c), where w_i is its own weight (1 when `weights` is
+    None), W_c the total weight of class c, W the total of all and K the number of classes present:
+    the total stays W, and mIoU's rare classes are no longer drowned by road and sky.
+
+    Args:
+        labels: (n,) class ids.
+        weights: (n,) non-negative weights, or None.
+    """
+    w = torch.ones(len(labels)) if weights is None else weights.float()
+    classes, index = torch.unique(labels, return_inverse=True)
+    per_class = torch.zeros(len(classes)).index_add_(0, index, w)
+    return w * w.sum() / (len(classes) * per_class[index])
+
+
 class HeadEnsemble(nn.Module):
     """Several heads trained from different seeds; the prediction is the mean of their probabilities.
 

@@ -36,7 +36,7 @@ from sparseseg.expansion.regions import (
     training_pixels,
 )
 from sparseseg.features.store import DETERMINISTIC, FeatureStore, build_stores
-from sparseseg.head.mlp import predict_proba, train_head
+from sparseseg.head.mlp import balanced_weights, predict_proba, train_head
 from sparseseg.head.predictor import HeadPredictor
 from sparseseg.labels import IGNORE, PixelLabels
 from sparseseg.loop.metrics import ConfusionMatrix
@@ -172,7 +172,8 @@ class Engine:
     def train_head(self, store: FeatureStore, data: TrainingSet, round: int | str) -> nn.Module | None:
         """A fresh head on `data`, seeded by `head_seed(seed, round)`; None when there is nothing to train on.
 
-        Clicks weigh 1; with expansion, each click's drawn region pixels share `sam.region_weight`.
+        Clicks weigh 1; with expansion, each click's drawn region pixels share `sam.region_weight`;
+        with `head.class_weighting: balanced` those weights are rescaled so every class seen weighs alike.
         """
         if len(data.clicks) == 0:
             return None
@@ -185,6 +186,8 @@ class Engine:
                 feats = torch.cat([feats, store.at_pixels(extra.image, extra.y, extra.x, DETERMINISTIC)])
             cls = torch.cat([cls, extra.cls])
             weights = torch.cat([torch.ones(len(data.clicks)), extra.weight])
+        if s.head.class_weighting == "balanced":
+            weights = balanced_weights(cls, weights)
         return train_head(feats, cls, len(self.class_names), s.head, head_seed(s.seed, round), self.device,
                           weights=weights)
 
