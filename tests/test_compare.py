@@ -10,21 +10,24 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from sparseseg import paper
 from sparseseg.cli import app
 from sparseseg.compare import (
     Comparison,
     StrategyResult,
     compare,
+    curve_mean,
+    paired_difference,
+    paper,
     parse_sweeps,
     plan_comparison,
     reach,
     render_markdown,
     rounds_to_reach,
+    t_quantile,
     table1_gain,
 )
-from sparseseg.config import load_config
-from sparseseg.data.synthetic import make_synthetic
+from sparseseg.config import dump_config, load_config
+from sparseseg.data.synthetic import SYNTHETIC_CLASSES, make_synthetic
 from sparseseg.errors import SparsesegError
 from sparseseg.labels import IGNORE
 from sparseseg.loop.supervised import read_supervised, sample_dense_pixels, train_supervised

@@ -10,7 +10,8 @@ A project folder holds the prepared images, a config (`project.yaml`) and one SQ
     importers.py  Label Studio JSON, CVAT XML and CSV answer files -> raw answers
     review.py     crosshair PNGs of where the queried pixels are
     project.py    init / query / import / train / predict / status on a project folder
-    cli.py        the `sparseseg init|query|import|train|predict|status|export` commands
+
+The `sparseseg init|query|import|train|predict|status|export` commands are in `sparseseg/cli/annotate.py`.
 
 See docs/annotation.md for the schema, the file formats and the guarantees.
 """
