@@ -74,3 +74,52 @@ def test_summarize_averages_seeds_per_strategy(tmp_path):
     # round 1 of a: mean(10, 30) = 20, sample std = 14.14; b: 20 ± 0
     assert rows[0] == "| 1 | 20.00 ± 14.14 | 20.00 ± 0.00 |"
     assert rows[1] == "| 2 | 40.00 ± 14.14 |  |"
+
+
+def _imports(path, package, modules):
+    """The modules of `modules` a source file imports (lazy imports included, `if TYPE_CHECKING:` left
+    out); `from pkg import name` counts as importing submodule `pkg.name` when it is one, else `pkg`."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+            for part in node.body for n in ast.walk(part)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against the importing package
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, *([base] if base else [])])
+            found |= {f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names}
+    return found & set(modules)
+
+
+def test_no_import_circle_and_the_cli_sits_on_top():
+    import graphlib
+    from pathlib import Path
+
+    import sparseseg
+
+    root = Path(sparseseg.__file__).parent
+    files = {}
+    for path in root.rglob("*.py"):
+        parts = ("sparseseg", *path.relative_to(root).with_suffix("").parts)
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        graph[name] = _imports(path, package, files) - {name}
+    graphlib.TopologicalSorter(graph).prepare()  # raises CycleError naming the circle
+    commands = {m for m in files if m.startswith("sparseseg.cli.")} - {"sparseseg.cli.app", "sparseseg.cli.__main__"}
+    assert commands >= {"sparseseg.cli.compare", "sparseseg.cli.annotate", "sparseseg.cli.scribblegen"}
+    assert not graph["sparseseg.cli.app"] & commands  # the app module imports no command module
+    assert all("sparseseg.cli.app" in graph[m] for m in commands)  # and every command module registers on it
+    outside = {m: sorted(i for i in deps if i == "sparseseg.cli" or i.startswith("sparseseg.cli."))
+               for m, deps in graph.items() if not m.startswith("sparseseg.cli")}
+    assert not any(outside.values()), outside  # nothing below the CLI imports it
+    assert "sparseseg.report" not in files  # the name is left for the HTML report package

@@ -10,21 +10,24 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from sparseseg import paper
 from sparseseg.cli import app
 from sparseseg.compare import (
     Comparison,
     StrategyResult,
     compare,
+    curve_mean,
+    paired_difference,
+    paper,
     parse_sweeps,
     plan_comparison,
     reach,
     render_markdown,
     rounds_to_reach,
+    t_quantile,
     table1_gain,
 )
-from sparseseg.config import load_config
-from sparseseg.data.synthetic import make_synthetic
+from sparseseg.config import dump_config, load_config
+from sparseseg.data.synthetic import SYNTHETIC_CLASSES, make_synthetic
 from sparseseg.errors import SparsesegError
 from sparseseg.labels import IGNORE
 from sparseseg.loop.supervised import read_supervised, sample_dense_pixels, train_supervised
@@ -273,3 +276,155 @@ def test_jobs_run_as_single_threaded_subprocesses(setup, monkeypatch):
         assert len(_rounds(out / name)) == 1
         assert json.loads((out / name / "meta.json").read_text())["hardware"]["cpu_threads"] == 1
         assert "sparseseg.cli run" in (out / f"{name}.log").read_text()
+
+
+# ------------------------------------------------------------------ paired seeds against a reference
+def test_t_quantiles_match_scipy_and_the_printed_table():
+    from scipy.stats import t
+
+    for df in range(1, 31):
+        for p in (0.9, 0.95, 0.975, 0.995):
+            assert t_quantile(p, df) == pytest.approx(t.ppf(p, df), rel=1e-12)
+    # two-sided 95% critical values as printed in any t table
+    for df, printed in ((1, 12.706), (2, 4.303), (4, 2.776), (10, 2.228), (30, 2.042)):
+        assert t_quantile(0.975, df) == pytest.approx(printed, abs=5e-4)
+    with pytest.raises(ValueError, match="df must be at least 1"):
+        t_quantile(0.975, 0)
+
+
+def test_paired_interval_worked_by_hand_and_against_scipy():
+    from scipy.stats import ttest_rel
+
+    # differences 1, 2, 3: mean 2, s = 1, s / sqrt(3) = 0.57735, t(0.975, 2) = 4.302653
+    # -> 2 ± 2.484138 = [-0.484138, 4.484138]: three wins out of three, and still within seed noise
+    got = paired_difference([31.0, 33.0, 35.0], [30.0, 31.0, 32.0])
+    assert (got.mean, got.n, got.wins) == (2.0, 3, 3)
+    assert (got.low, got.high) == (pytest.approx(-0.484138, abs=1e-6), pytest.approx(4.484138, abs=1e-6))
+    assert got.verdict == "within noise"
+    # differences 2, 3, 4, 3, 3: mean 3, s = sqrt(0.5), s / sqrt(5) = 0.316228, t(0.975, 4) = 2.776445 -> 3 ± 0.877989
+    a, b = [22.0, 23.0, 24.0, 23.0, 23.0], [20.0] * 5
+    got = paired_difference(a, b)
+    assert (got.low, got.high) == (pytest.approx(2.122011, abs=1e-6), pytest.approx(3.877989, abs=1e-6))
+    assert got.verdict == "above"
+    ci = ttest_rel(a, b).confidence_interval(0.95)
+    assert (got.low, got.high) == (pytest.approx(ci.low), pytest.approx(ci.high))
+    assert paired_difference(b, a).verdict == "below" and paired_difference(b, a).wins == 0
+    # a NaN on either side drops the pair; one pair has no interval
+    one = paired_difference([5.0, float("nan")], [4.0, 1.0])
+    assert (one.mean, one.n, one.wins, one.low, one.high, one.verdict) == (1.0, 1, 1, None, None, "")
+    assert curve_mean([10.0, 20.0, 60.0]) == 30.0
+    with pytest.raises(ValueError, match="2 values for 3"):
+        paired_difference([1.0, 2.0], [1.0, 2.0, 3.0])
+
+
+def test_pairs_are_matched_by_seed_not_by_position():
+    ref = StrategyResult((), "random", 2, seeds=[0, 1, 2], curves=[[10, 30], [10, 31], [10, 32]],
+                         labelled=[[2, 4]] * 3, seconds=[1.0] * 3)
+    # x finished seeds 2 and 0 only (in that order): pairs are (35, 32) and (31, 30)
+    x = StrategyResult((), "x", 2, seeds=[2, 0], curves=[[20, 35], [20, 31]], labelled=[[2, 4]] * 2, seconds=[1.0] * 2)
+    cmp = Comparison([ref, x], [], "synthetic", reference="random")
+    (p,) = cmp.paired(())
+    assert (p.final.n, p.final.mean, p.final.wins) == (2, 2.0, 2)  # (3 + 1) / 2
+    assert p.aulc.mean == pytest.approx(((20 + 35) / 2 - (10 + 32) / 2 + (20 + 31) / 2 - (10 + 30) / 2) / 2)
+    # the hand-worked case above, rendered
+    y = StrategyResult((), "y", 2, seeds=[0, 1, 2], curves=[[10, 31], [10, 33], [10, 35]], labelled=[[2, 4]] * 3,
+                       seconds=[1.0] * 3)
+    md = render_markdown(Comparison([ref, y], [], "synthetic", reference="random"))
+    assert "| y | 3 | +2.00 | [-0.48, +4.48] | 3/3 | within noise |" in md
+    assert "Paired with `random`" not in render_markdown(Comparison([ref, y], [], "synthetic"))
+
+
+def _fabricate(spec, curve, per_class):
+    """A finished run directory written by hand: config.yaml and rounds.jsonl (mIoU as fractions)."""
+    spec.out.mkdir(parents=True)
+    (spec.out / "config.yaml").write_text(dump_config(spec.config))
+    phases = {k: {"seconds": 1.0, "peak_gb": 0.0} for k in ("select", "train", "evaluate")}
+    (spec.out / "rounds.jsonl").write_text("".join(json.dumps(
+        {"round": r + 1, "strategy": spec.strategy, "seed": spec.seed, "labelled": 2 * (r + 1), "miou": m,
+         "per_class_iou": per_class if r == len(curve) - 1 else {}, "phases": phases}) + "\n"
+        for r, m in enumerate(curve)))
+
+
+FABRICATED = {  # strategy -> per seed 0..4: (round 1, round 2) mIoU
+    "random": [(0.10, 0.20), (0.12, 0.22), (0.09, 0.18), (0.11, 0.21), (0.10, 0.19)],
+    "margin": [(0.11, 0.21), (0.10, 0.21), (0.12, 0.19), (0.10, 0.20), (0.13, 0.22)],
+    "two_stage_edald": [(0.15, 0.25), (0.16, 0.26), (0.14, 0.24), (0.15, 0.27), (0.17, 0.25)],
+}
+
+
+def test_tables_from_fabricated_run_directories(setup, tmp_path):
+    from scipy.stats import ttest_rel
+
+    _, config = setup
+    out = tmp_path / "fab"
+    specs = plan_comparison(config, list(FABRICATED), [0, 1, 2, 3, 4], out, ["eval_split=val"])
+    for spec in specs:
+        s = spec.seed
+        per_class = {name: None for name in SYNTHETIC_CLASSES}
+        per_class.update(sky=0.50 + 0.01 * s, road=0.30 if s >= 3 else None)  # road absent from seeds 0-2
+        _fabricate(spec, FABRICATED[spec.strategy][s], per_class)
+    sup = tmp_path / "supervised.json"
+    sup.write_text(json.dumps({"miou": 0.5, "pixels": 120}))
+    args = ["compare", str(config), "--strategies", ",".join(FABRICATED), "--seeds", "0,1,2,3,4", "--out", str(out),
+            "--set", "eval_split=val", "--supervised", str(sup), "--summary-only"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    md = (out / "summary.md").read_text()
+    rows = {r["strategy"]: r for r in csv.DictReader((out / "summary.csv").open())}
+    assert "evaluated on the `val` split" in md and {r["eval_split"] for r in rows.values()} == {"val"}
+    ref = np.array([c for c in FABRICATED["random"]]) * 100
+    for name in ("margin", "two_stage_edald"):
+        mine = np.array(FABRICATED[name]) * 100
+        row = rows[name]
+        for what, a, b in (("final", mine[:, -1], ref[:, -1]), ("aulc", mine.mean(1), ref.mean(1))):
+            ci = ttest_rel(a, b).confidence_interval(0.95)
+            assert float(row[f"{what}_diff_mean"]) == pytest.approx(np.mean(a - b), abs=1e-4)
+            assert float(row[f"{what}_diff_low"]) == pytest.approx(ci.low, abs=1e-4)
+            assert float(row[f"{what}_diff_high"]) == pytest.approx(ci.high, abs=1e-4)
+            assert int(row[f"{what}_wins"]) == int(np.sum(a > b))
+        assert (row["reference"], row["pairs"]) == ("random", "5")
+        assert float(row["aulc_mean"]) == pytest.approx(mine.mean(1).mean(), abs=1e-4)
+        assert float(row["pct_of_supervised"]) == pytest.approx(100 * mine[:, -1].mean() / 50, abs=0.01)
+    # two-stage eDALD is above random in every seed by more than the noise; margin is not
+    assert rows["two_stage_edald"]["final_verdict"] == "above" and rows["margin"]["final_verdict"] == "within noise"
+    assert rows["random"]["reference"] == "" and rows["random"]["final_diff_mean"] == ""
+    final = np.array(FABRICATED["two_stage_edald"])[:, -1] * 100
+    assert f"| two_stage_edald | 5 | 4 | {final.mean():.2f} ± {final.std(ddof=1):.2f} | 50.8% |" in md
+    d = final - ref[:, -1]
+    assert f"| two_stage_edald | 5 | {d.mean():+.2f} | " in md and "| 5/5 | above |" in md
+    # per-class IoU: the mean over the seeds that had the class; never present -> empty
+    assert float(rows["random"]["iou_sky"]) == pytest.approx(100 * np.mean([0.50 + 0.01 * s for s in range(5)]))
+    assert float(rows["random"]["iou_road"]) == pytest.approx(30.0) and rows["random"]["iou_pole"] == ""
+    assert "| sky | 52.00 | 52.00 | 52.00 |" in md and "| pole |  |  |  |" in md
+
+    # another reference, and one that is not compared
+    result = runner.invoke(app, [*args, "--reference", "margin"])
+    assert result.exit_code == 0, result.output
+    rows = {r["strategy"]: r for r in csv.DictReader((out / "summary.csv").open())}
+    assert rows["random"]["reference"] == "margin" and rows["margin"]["reference"] == ""
+    result = runner.invoke(app, [*args, "--reference", "entropy"])
+    assert result.exit_code == 2 and "--reference entropy: not among --strategies" in result.output
+
+
+def test_cli_pairs_real_runs_with_random_seed_by_seed(setup, compared):
+    _, config = setup
+    out, _ = compared
+    result = runner.invoke(app, ["compare", str(config), "--strategies", "random,max_herding", "--seeds", "0,1",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    curves = {(n, s): [100 * r["miou"] for r in _rounds(out / f"{n}_s{s}")] for n in ("random", "max_herding")
+              for s in (0, 1)}
+    d = np.array([curves["max_herding", s][-1] - curves["random", s][-1] for s in (0, 1)])
+    half = 12.706205 * d.std(ddof=1) / np.sqrt(2)  # t(0.975, 1) from a printed table
+    row = {r["strategy"]: r for r in csv.DictReader((out / "summary.csv").open())}["max_herding"]
+    assert float(row["final_diff_mean"]) == pytest.approx(d.mean(), abs=1e-4)
+    assert float(row["final_diff_low"]) == pytest.approx(d.mean() - half, abs=1e-3)
+    assert float(row["final_diff_high"]) == pytest.approx(d.mean() + half, abs=1e-3)
+    assert int(row["final_wins"]) == int((d > 0).sum()) and row["pairs"] == "2"
+    md = (out / "summary.md").read_text()
+    assert "Paired with `random`" in md and "Paired with `random`" in result.output
+    # per-class IoU at the final round, mean over the seeds where the class had an IoU
+    last = [_rounds(out / f"max_herding_s{s}")[-1]["per_class_iou"] for s in (0, 1)]
+    for name in SYNTHETIC_CLASSES:
+        values = [100 * p[name] for p in last if p[name] is not None]
+        assert row[f"iou_{name}"] == (f"{np.mean(values):.4f}" if values else "")

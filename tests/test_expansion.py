@@ -439,7 +439,7 @@ def test_a_version_1_project_database_is_upgraded_in_place(world, tmp_path):
 
 # ---------------------------------------------------------------------------- the published figures
 def test_table_9_with_sam_is_the_paper_figure_of_expansion_runs():
-    from sparseseg import paper
+    from sparseseg.compare import paper
 
     assert paper.final_miou("camvid", "two_stage_edald", expansion="sam").mean == 41.34
     assert paper.final_miou("camvid", "two_stage_edald").mean == 36.12  # unchanged without expansion

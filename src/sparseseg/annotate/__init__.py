@@ -13,7 +13,8 @@ A project folder holds the prepared images, a config (`project.yaml`) and one SQ
     answers.py    an imported file's answers checked against queries, classes and stored answers
     regions.py    click regions in the database: expanded after import, read back for training and review
     project.py    query / import / train / predict / status: the round engine + the store + the exporters
-    cli.py        the `sparseseg init|query|import|train|predict|status|export` commands
+
+The `sparseseg init|query|import|train|predict|status|export` commands are in `sparseseg/cli/annotate.py`.
 
 See docs/annotation.md for the schema, the file formats and the guarantees.
 """

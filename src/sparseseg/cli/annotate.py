@@ -1,6 +1,6 @@
 """`sparseseg init|query|import|export|train|predict|status`: label real images with an annotation tool.
 
-`register(app)` adds the commands to the main Typer app; each is a thin layer over `project.py`.
+Each command is a thin layer over `sparseseg.annotate.project`.
 """
 
 from __future__ import annotations
@@ -12,20 +12,18 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from sparseseg.cli.app import app, console, err_console, friendly, progress_bars
+
 ProjectArg = Annotated[Path, typer.Argument(help="The project folder.")]
-
-
-def _cli():
-    from sparseseg import cli  # imported late: the main CLI module imports this one
-
-    return cli
 
 
 def _say(text: str) -> None:
     """One message, one line (never wrapped to the terminal width), no markup from file names."""
-    _cli().console.print(text, soft_wrap=True, markup=False, highlight=False)
+    console.print(text, soft_wrap=True, markup=False, highlight=False)
 
 
+@app.command("init")
+@friendly
 def init(
     project: Annotated[Path, typer.Argument(help="The project folder to create (new or empty).")],
     images: Annotated[Path, typer.Option(help="Folder of the images to label.")],
@@ -39,7 +37,7 @@ def init(
     from sparseseg.annotate.init import init_project
 
     given = {k: v for k, v in (("checkpoint", backbone), ("preset", preset)) if v is not None}
-    with _cli().progress_bars() as update:
+    with progress_bars() as update:
         proj = init_project(project, images, classes, size=size, overrides=set_, backbone=given or None,
                             progress=lambda d, t: update("preparing", d, t))
     _say(f"created {project}: {len(proj.image_rows)} images at {size}x{size}, {len(proj.classes)} classes, "
@@ -47,6 +45,8 @@ def init(
     _say(f"next: sparseseg query {project}")
 
 
+@app.command("query")
+@friendly
 def query(
     project: ProjectArg,
     budget: Annotated[int | None, typer.Option(help="Pixels to query (default: the project's budget).")] = None,
@@ -56,7 +56,7 @@ def query(
     from sparseseg.annotate.project import Project
 
     proj = Project(project)
-    with _cli().progress_bars() as update:
+    with progress_bars() as update:
         result = proj.query(budget=budget, force=force, progress=update)
     how = "coverage only (no answers to train on yet)" if result.coverage_only else proj.config.strategy.name
     _say(f"round {result.round}: {result.queries} pixels queried by {how}")
@@ -72,6 +72,8 @@ def _print_files(files: list[Path]) -> None:
         _say(f"  {reviews[0].parent}/ ({len(reviews)} review PNGs)")
 
 
+@app.command("import")
+@friendly
 def import_(
     project: ProjectArg,
     file: Annotated[Path, typer.Argument(help="Label Studio JSON export, CVAT for images 1.1 XML, or CSV.")],
@@ -93,10 +95,12 @@ def import_(
     if result.regions:
         _say(f"SAM expanded {result.regions} answered clicks into regions (sparseseg status shows them)")
     if result.expansion_error:
-        _cli().err_console.print(f"warning: answers imported, but SAM expansion failed: {result.expansion_error}; "
+        err_console.print(f"warning: answers imported, but SAM expansion failed: {result.expansion_error}; "
                                  "`sparseseg train` tries again", markup=False, highlight=False, soft_wrap=True)
 
 
+@app.command("export")
+@friendly
 def export(
     project: ProjectArg,
     round: Annotated[int | None, typer.Option(help="Round to export (default: the latest).")] = None,
@@ -115,11 +119,13 @@ def export(
     _print_files(proj.export_round(round))
 
 
+@app.command("train")
+@friendly
 def train(project: ProjectArg) -> None:
     """Train the head on every answer (skips excluded) and save PROJECT/head.pt."""
     from sparseseg.annotate.project import Project
 
-    with _cli().progress_bars() as update:
+    with progress_bars() as update:
         result = Project(project).train(progress=update)
     what = "trained" if result.retrained else "up to date"
     regions = (f" + {result.region_pixels} SAM region pixels ({result.training_region_pixels} drawn for training)"
@@ -128,6 +134,8 @@ def train(project: ProjectArg) -> None:
          f"training accuracy {100 * result.accuracy:.1f}% on the clicks; {result.path}")
 
 
+@app.command("predict")
+@friendly
 def predict(
     project: ProjectArg,
     out: Annotated[Path, typer.Option(help="Folder for the masks.")],
@@ -137,12 +145,14 @@ def predict(
     """Write a palette PNG mask per image with the head trained on all answers."""
     from sparseseg.annotate.project import Project
 
-    with _cli().progress_bars() as update:
+    with progress_bars() as update:
         files = Project(project).predict(out, confidence=confidence, original_size=original_size, progress=update)
     masks = sum(1 for f in files if not f.stem.endswith("_confidence"))
     _say(f"wrote {masks} masks to {out}")
 
 
+@app.command("status")
+@friendly
 def status(
     project: ProjectArg,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
@@ -151,7 +161,6 @@ def status(
     from sparseseg.annotate.project import Project
 
     info = Project(project).status()
-    console = _cli().console
     if as_json:
         console.print_json(json.dumps(info))
         return
@@ -181,11 +190,3 @@ def status(
         for r in info["regions"]:
             regions.add_row(r["model"], f"{r['tau']:g}", str(r["expanded"]), str(r["kept"]), str(r["pixels"]))
         console.print(regions)
-
-
-def register(app: typer.Typer) -> None:
-    """Add the labelling commands to `app` (the main `sparseseg` app)."""
-    friendly = _cli().friendly
-    for name, fn in (("init", init), ("query", query), ("import", import_), ("export", export), ("train", train),
-                     ("predict", predict), ("status", status)):
-        app.command(name)(friendly(fn))

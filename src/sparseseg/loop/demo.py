@@ -1,4 +1,4 @@
-"""`sparseseg demo`: the whole method on a laptop CPU in a few minutes, with nothing downloaded.
+"""The demo (`sparseseg demo`): the whole method on a laptop CPU in a few minutes, with nothing downloaded.
 
 1. a seeded synthetic street-scene dataset (textures, thin poles, small cars);
 2. a tiny ADM pretrained on its unlabelled training images;

@@ -1,28 +1,21 @@
-"""Tables from run directories: mIoU per round, mean and std over seeds, per strategy."""
+"""`sparseseg summarize`: mIoU per round, mean and std over seeds, per strategy, from any run directories."""
 
 from __future__ import annotations
 
 import statistics
 from pathlib import Path
 
+from sparseseg.compare.rundir import read_rounds
+from sparseseg.compare.stats import mean_std
 from sparseseg.errors import SparsesegError
-from sparseseg.io import read_jsonl
 
 
-def read_rounds(run_dir: Path) -> list[dict]:
-    """The records of a run directory's rounds.jsonl (complete lines only)."""
-    path = Path(run_dir) / "rounds.jsonl"
-    if not path.exists():
-        raise SparsesegError(f"{path}: not found; is {run_dir} a sparseseg run directory?")
-    return read_jsonl(path)[0]
-
-
-def _mean_std(values: list[float]) -> str:
+def _cell(values: list[float]) -> str:
+    """'mean ± std' in percent of fractions; ± 0.00 with one seed; '' with none."""
     if not values:
         return ""
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * mean:.2f} ± {100 * std:.2f}"
+    mean, std = mean_std(values)
+    return f"{100 * mean:.2f} ± {100 * (std or 0.0):.2f}"
 
 
 def summarize(run_dirs: list[Path]) -> str:
@@ -40,7 +33,7 @@ def summarize(run_dirs: list[Path]) -> str:
     lines = ["| round | " + " | ".join(f"{n} (n={len(runs[n])})" for n in names) + " |",
              "|---:|" + "---:|" * len(names)]
     for i in range(rounds):
-        cells = [_mean_std([r[i]["miou"] for r in runs[n] if len(r) > i]) for n in names]
+        cells = [_cell([r[i]["miou"] for r in runs[n] if len(r) > i]) for n in names]
         lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
     lines += ["", "| strategy | " + " | ".join(["select s/round", "train s/round", "evaluate s/round"]) + " |",
               "|---|---:|---:|---:|"]
