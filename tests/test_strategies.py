@@ -19,7 +19,7 @@ from sparseseg.head.predictor import HeadPredictor
 from sparseseg.labels import PixelLabels
 from sparseseg.selection import uncertainty
 from sparseseg.selection.coreset import k_center_greedy
-from sparseseg.selection.rules import TopK, power_distribution, power_keys
+from sparseseg.selection.rules import TopK, balanced_top, power_distribution, power_keys
 from sparseseg.selection.scores import SCORES
 from sparseseg.selection.strategies import (
     STRATEGIES,
@@ -344,3 +344,30 @@ def test_strategy_requirements_are_checked_up_front():
                        head_ensemble=3)
     assert set(SCORES) == {"entropy", "margin", "least_confidence", "bald", "ebald", "dald", "edald",
                            "power_bald", "power_dald", "balentacq"}
+
+
+def test_balanced_top_is_a_round_robin_over_classes():
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3])
+    classes = torch.tensor([0, 0, 0, 1, 1, 2, 0])
+    # by hand: round 1 takes each class's best in score order (0: item 0, 1: item 3, 2: item 5),
+    # round 2 the second best (0: item 1, 1: item 4), round 3 (0: item 2), round 4 (0: item 6)
+    assert balanced_top(scores, classes, 7).tolist() == [0, 3, 5, 1, 4, 2, 6]
+    assert balanced_top(scores, classes, 4).tolist() == [0, 3, 5, 1]
+    one = torch.zeros(7, dtype=torch.long)
+    assert balanced_top(scores, one, 3).tolist() == torch.argsort(scores, descending=True)[:3].tolist()
+    ties = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    assert balanced_top(ties, torch.tensor([1, 1, 0, 0]), 4).tolist() == [0, 2, 1, 3]  # ties keep the earlier item
+
+
+def test_balance_spreads_the_picks_over_predicted_classes(world):
+    store, masks = world
+    labels = _labels(masks)
+    head = _head(store, labels)
+    for name in ("two_stage_margin", "max_herding"):
+        picks = create_strategy(_config(name, balance="predicted")).select(_ctx(store, labels, head, budget=6))
+        assert picks.info["predicted_classes_picked"] == min(3, picks.info["predicted_classes_in_pool"])
+        assert len(picks.image) == 6
+        s = SIZE
+        assert not set(((picks.image * s + picks.y) * s + picks.x).tolist()) & set(labels.flat_index(s).tolist())
+    with pytest.raises(ValueError, match="does not combine"):
+        _config("two_stage_bald", balance="predicted", power=2.0)

@@ -94,6 +94,7 @@ class StrategyConfig(_Frozen):
     max_memory_gb: float | None = Field(None, gt=0)  # cap on coverage working memory (docs/performance.md)
     power: float = Field(1.0, gt=0)  # exponent of power sampling (power_bald, power_dald): p ~ score**power
     top_fraction: float | None = Field(None, gt=0, le=1)  # PixelPick rule: keep this top fraction, draw b
+    balance: Literal["none", "predicted"] = "none"  # predicted: spread the b picks over the head's predicted classes
     pixels_per_image: int | None = Field(None, ge=1)  # single-stage scores: None = every pixel
     switch_after: int | None = Field(None, ge=1)  # schedule: `name` up to this round, ...
     then: str | None = None  # ... this strategy after it (paper: two_stage_edald, then margin)
@@ -102,6 +103,8 @@ class StrategyConfig(_Frozen):
     def _check_schedule(self) -> StrategyConfig:
         if (self.switch_after is None) != (self.then is None):
             raise ValueError("switch_after and then go together: give both or neither")
+        if self.balance != "none" and (self.top_fraction is not None or self.power != 1.0):
+            raise ValueError("strategy.balance replaces the top-b rule: it does not combine with top_fraction or power")
         return self
 
 

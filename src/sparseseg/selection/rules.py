@@ -10,6 +10,8 @@ be streamed (every pixel of every image) while only the best b (or the top fract
   Pixels with score 0 get key -inf and come last.
 * PixelPick (Shin et al. 2021): keep the top `fraction` of pixels by score, then draw b of them
   uniformly (seeded).
+* class-balanced top-b (`balanced_top`): the b picks spread evenly over the classes the head
+  predicts, best score first within each class (not streamed: it runs on the coverage pool).
 """
 
 from __future__ import annotations
@@ -67,3 +69,33 @@ class TopK:
 def top_fraction_count(total: int, fraction: float, budget: int) -> int:
     """How many pixels the PixelPick rule keeps before its random draw (at least the budget)."""
     return min(total, max(budget, math.ceil(fraction * total)))
+
+
+def balanced_top(scores: torch.Tensor, classes: torch.Tensor, budget: int) -> torch.Tensor:
+    """Round-robin over predicted classes: the best item of every class, then the second best, ...
+
+    Within a round of the robin, classes are taken in the order of that round's items' scores, so
+    with one class this is plain top-b. Ties keep the earlier item. Equivalently: sort the items by
+    (rank within their class, -score, index) and take the first b.
+
+    Args:
+        scores: (n,) higher = more informative.
+        classes: (n,) the class each item is predicted to be.
+        budget: b <= n.
+
+    Returns:
+        (b,) indices into the items, in pick order.
+    """
+    n = len(scores)
+    if budget > n:
+        raise SparsesegError(f"budget {budget} is larger than the {n} candidates")
+    order = torch.argsort(scores.double(), descending=True, stable=True)
+    rank = torch.empty(n, dtype=torch.long)
+    seen: dict[int, int] = {}
+    for i, c in zip(order.tolist(), classes[order].tolist(), strict=True):
+        rank[i] = seen.get(c, 0)
+        seen[c] = rank[i].item() + 1
+    position = torch.empty(n, dtype=torch.long)
+    position[order] = torch.arange(n)
+    key = rank * n + position  # rank first, then the score order (which already breaks ties by index)
+    return torch.argsort(key)[:budget]

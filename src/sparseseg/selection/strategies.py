@@ -38,7 +38,7 @@ from sparseseg.seeding import derived_generator, derived_seed
 from sparseseg.selection.coreset import k_center_greedy
 from sparseseg.selection.kernels import median_bandwidth
 from sparseseg.selection.max_herding import max_herding
-from sparseseg.selection.rules import TopK, power_keys, top_fraction_count
+from sparseseg.selection.rules import TopK, balanced_top, power_keys, top_fraction_count
 from sparseseg.selection.scores import (
     SCORES,
     Predictor,
@@ -185,7 +185,7 @@ class TwoStageStrategy(Strategy):
     def check_budget(self, num_images: int, size: int, budget: int) -> None:
         super().check_budget(num_images, size, budget)
         pool = self.pool_size(num_images, size)
-        if self.score is not None and budget > pool:
+        if (self.score is not None or self.config.balance == "predicted") and budget > pool:
             raise SparsesegError(
                 f"budget {budget} is larger than the candidate pool of {pool} "
                 f"(pool_ratio {self.config.pool_ratio} x {num_images} images x K={self.config.k_per_image}): "
@@ -246,8 +246,10 @@ class TwoStageStrategy(Strategy):
         y, x = flat // s, flat % s
         pool_size = round(self.config.pool_ratio * len(flat))
         first_round = ctx.predictor is None
-        keep = ctx.budget if (first_round or self.score is None) else pool_size
-        if ctx.budget > pool_size and not first_round and self.score is not None:
+        # Coverage alone goes straight to b, unless its picks are to be balanced over predicted classes.
+        to_pool = not first_round and (self.score is not None or self.config.balance == "predicted")
+        keep = pool_size if to_pool else ctx.budget
+        if ctx.budget > pool_size and to_pool:
             raise SparsesegError(
                 f"budget {ctx.budget} is larger than the candidate pool of {pool_size} "
                 f"(pool_ratio {self.config.pool_ratio} x {len(flat)} local picks): raise k_per_image or pool_ratio"
@@ -266,26 +268,36 @@ class TwoStageStrategy(Strategy):
         if ctx.progress is not None:
             ctx.progress("global coverage", 1, 1)
         info = {"local_pool": len(flat), "pool": len(pool), **info}
-        if first_round or self.score is None:
+        if not to_pool:
             return Picks(image[pool], y[pool], x[pool], info)
-        # Stage 2: uncertainty over the pool, then the score's rule (top-b: ties keep the coverage
-        # order). Every local pick is scored, not just the pool: the noisy-sample features of an
-        # image's local picks are then remembered as one request, and a later round asks the UNet
-        # again only for images whose local picks changed (those that got labels).
-        def features_of(sample: int) -> torch.Tensor:
-            tick = None
-            if ctx.progress is not None:
-                tick = lambda done, total: ctx.progress(f"noise sample {sample}", done, total)  # noqa: E731
-            return ctx.store.at_pixels(image, y, x, sample, progress=tick)
+        if self.score is None:  # the coverage order is the score: earlier greedy picks first
+            scores = -torch.arange(len(pool), dtype=torch.float64)
+        else:
+            # Stage 2: uncertainty over the pool. Every local pick is scored, not just the pool: the
+            # noisy-sample features of an image's local picks are then remembered as one request, and
+            # a later round asks the UNet again only for images whose local picks changed.
+            def features_of(sample: int) -> torch.Tensor:
+                tick = None
+                if ctx.progress is not None:
+                    tick = lambda done, total: ctx.progress(f"noise sample {sample}", done, total)  # noqa: E731
+                return ctx.store.at_pixels(image, y, x, sample, progress=tick)
 
-        scores = score_features(self.score, ctx.predictor, features_of, ctx.noise_samples, is_diffusion(ctx.store.backbone),
-                                derived_seed("dropout", ctx.seed, ctx.round, "pool"))[pool]
-        chooser = _Chooser(self.config, self.score, ctx, len(pool))
-        chooser.push(scores, torch.arange(len(pool))[:, None])
-        chosen, rule_info = chooser.result()
-        top = pool[chosen[:, 0]]
-        info["score_mean_pool"] = rule_info["score_mean"]
-        info["score_mean_picked"] = float(scores[chosen[:, 0]].double().mean())
+            scores = score_features(self.score, ctx.predictor, features_of, ctx.noise_samples,
+                                    is_diffusion(ctx.store.backbone),
+                                    derived_seed("dropout", ctx.seed, ctx.round, "pool"))[pool]
+        if self.config.balance == "predicted":
+            predicted = ctx.predictor.proba(z[pool]).argmax(1)
+            chosen = balanced_top(scores, predicted, ctx.budget)
+            info["predicted_classes_in_pool"] = int(predicted.unique().numel())
+            info["predicted_classes_picked"] = int(predicted[chosen].unique().numel())
+        else:  # the score's rule (top-b: ties keep the coverage order)
+            chooser = _Chooser(self.config, self.score, ctx, len(pool))
+            chooser.push(scores, torch.arange(len(pool))[:, None])
+            chosen = chooser.result()[0][:, 0]
+        top = pool[chosen]
+        if self.score is not None:
+            info["score_mean_pool"] = float(scores.double().sum()) / len(scores)
+            info["score_mean_picked"] = float(scores[chosen].double().mean())
         return Picks(image[top], y[top], x[top], info)
 
 
