@@ -25,6 +25,7 @@ from rich.progress import (
 from rich.table import Table
 
 from sparseseg.annotate.cli import register as register_annotate
+from sparseseg.backbones.registry import BACKBONES
 from sparseseg.compare_cli import register as register_compare
 from sparseseg.errors import SparsesegError
 from sparseseg.scribblegen.cli import register as register_scribblegen
@@ -159,17 +160,21 @@ def fetch_backbone(
     console.print(f"wrote {download_preset(name, dir)}")
 
 
+# What --checkpoint is, per backbone, from the registry (shipped weights need none).
+_CHECKPOINT_HELP = "; ".join(
+    [f"{spec.name}: {spec.checkpoint_help}" + (" or a Hub id" if "hub_id" in spec.requires else "")
+     for spec in BACKBONES.values() if spec.requires]
+    + [f"{', '.join(s.name for s in BACKBONES.values() if s.weights == 'shipped')}: none (weights shipped)"])
+
+
 @app.command()
 @friendly
 def features(
     image: Annotated[Path, typer.Option(help="An image file.")],
     out: Annotated[Path, typer.Option(help="Output .npz.")],
-    checkpoint: Annotated[Path | None, typer.Option(
-        help="adm: OpenAI .pt or from `sparseseg pretrain`; diffusers, transformers: a folder or Hub id; "
-             "efficientnet_lite0: none."
-    )] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help=_CHECKPOINT_HELP)] = None,
     backbone: Annotated[str, typer.Option(
-        help="adm, diffusers, efficientnet_lite0 or transformers (docs/backbones.md).")] = "adm",
+        help=f"A registry name: {', '.join(BACKBONES)} (`sparseseg list backbones`, docs/backbones.md).")] = "adm",
     size: Annotated[int, typer.Option(help="Resize the image to size x size (bilinear).")] = 256,
     timesteps: Annotated[str | None, typer.Option(
         help="Comma-separated timesteps (default: the backbone's; adm 50,150,250).")] = None,
@@ -261,6 +266,20 @@ def list_strategies(pattern: Annotated[str, typer.Argument(help="Shell-style fil
     for name in sorted(STRATEGIES):
         if fnmatch.fnmatch(name, pattern):
             console.print(name)
+
+
+@list_app.command("backbones")
+def list_backbones_cmd(pattern: Annotated[str, typer.Argument(help="Shell-style filter.")] = "*") -> None:
+    """Backbone names a config can use (backbone.name): what each is, and what weights it needs."""
+    from sparseseg.backbones.registry import list_backbones
+
+    for spec in list_backbones(pattern):
+        kind = "diffusion" if spec.diffusion else "deterministic"
+        defaults = [f"{what} {','.join(map(str, value))}" for what, value in
+                    (("timesteps", spec.default_timesteps), ("blocks", spec.default_blocks)) if value]
+        console.print(f"{spec.name:<20}{kind:<15}{spec.summary}", highlight=False, markup=False, soft_wrap=True)
+        console.print(f"{'':<20}weights: {spec.weights_note}" + (f"; defaults: {'; '.join(defaults)}" if defaults
+                                                                  else ""), highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()
