@@ -30,7 +30,7 @@ from sparseseg.data.synthetic import make_synthetic
 from sparseseg.errors import SparsesegError
 from sparseseg.loop.experiment import Experiment
 from sparseseg.selection.scores import is_diffusion
-from tests.conftest import ToyBackbone, shared_path
+from tests.conftest import ToyBackbone, save_tiny_adm, shared_path
 
 # ImageNet-1k class indices
 MAZE, COIL = 646, 506
@@ -337,6 +337,31 @@ def test_diffusers_errors_name_the_file_and_the_problem(ddpm, tmp_path, monkeypa
         DiffusersUNetBackbone.from_pretrained(ddpm, timesteps=[500])
     with pytest.raises(SparsesegError, match="input_size 18: must be a positive multiple of 4"):
         DiffusersUNetBackbone.from_pretrained(ddpm, input_size=18)
+
+
+def test_diffusion_backbones_share_the_noise_rules(ddpm, tmp_path):
+    """ADM and diffusers through their common base: the fixed default noise, one shared noise equal
+    to the same noise per image, x_t by the closed form, and the same one-line input errors."""
+    adm = build_backbone(BackboneConfig(name="adm", checkpoint=save_tiny_adm(tmp_path / "adm.pt", 32),
+                                        timesteps=(10, 900), blocks=(2, 5)), "cpu", 32)
+    unet = build_backbone(BackboneConfig(name="diffusers", checkpoint=ddpm, timesteps=(10, 400)), "cpu", 32)
+    for backbone, abar in ((adm, torch.from_numpy(adm.schedule.alphas_cumprod)), (unet, unet.scheduler.alphas_cumprod)):
+        s = backbone.input_size
+        x = torch.rand(2, 3, s, s, generator=torch.Generator().manual_seed(5)) * 2 - 1
+        fixed = torch.randn((1, 3, s, s), generator=torch.Generator().manual_seed(backbone.noise_seed))
+        assert torch.equal(backbone.default_noise(), fixed)
+        for a, b in zip(backbone.extract(x, None), backbone.extract(x, fixed.repeat(2, 1, 1, 1)), strict=True):
+            assert torch.equal(a, b)
+        x_t, t = backbone.noisy_inputs(x, fixed)
+        assert t.tolist() == [backbone.timesteps[0]] * 2 + [backbone.timesteps[1]] * 2
+        for i, step in enumerate(backbone.timesteps):
+            a = abar[step].double()
+            expected = a.sqrt() * x.double() + (1 - a).sqrt() * fixed.double()
+            torch.testing.assert_close(x_t[2 * i : 2 * i + 2].double(), expected, rtol=1e-6, atol=1e-6)
+        with pytest.raises(SparsesegError, match=rf"noise of shape \(2, 3, 8, 8\): expected \(B or 1, 3, {s}, {s}\)"):
+            backbone.extract(x, torch.zeros(2, 3, 8, 8))
+        with pytest.raises(SparsesegError, match=rf"images of shape \(2, 3, 8, 8\): expected \(B, 3, {s}, {s}\)"):
+            backbone.extract(x[:, :, :8, :8], None)
 
 
 # ------------------------------------------------------------------------------------------------
