@@ -80,6 +80,10 @@ def test_efficientnet_weights_are_the_shipped_imagenet_ones(lite):
     assert path.name == expected
     assert hashlib.sha256(path.read_bytes()).hexdigest().startswith(expected.split("-")[-1][:8])
     assert len(model._blocks) == LITE_BLOCKS[variant]
+    # the registry's one-line summary tells the truth about size and native input
+    millions = sum(p.numel() for p in model.parameters()) / 1e6
+    summary = BACKBONES[f"efficientnet_lite{variant}"].summary
+    assert f"({millions:.1f}M parameters, native {VARIANTS[variant].native_size}x" in summary
     # An ImageNet classifier calls concentric rings a maze or a coil; random weights would not.
     backbone = EfficientNetLiteBackbone(variant, input_size=224, model=model)
     with torch.no_grad():

@@ -264,8 +264,9 @@ class EfficientNetLiteBackbone:
         return [found[st].float().contiguous() for st in self.stages]
 
 
-def build(config: BackboneConfig, device: str | torch.device, default_size: int, variant: int = 0,
-          ) -> EfficientNetLiteBackbone:
+def build(
+    config: BackboneConfig, device: str | torch.device, default_size: int, variant: int = 0
+) -> EfficientNetLiteBackbone:
     """`backbone.name=efficientnet_liteN`: the shipped weights; input size `config.input_size`, else `default_size`."""
     return EfficientNetLiteBackbone(variant, stages=config.blocks, input_size=config.input_size or default_size,
                                     device=device)
