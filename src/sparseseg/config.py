@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sparseseg.backbones.registry import BACKBONES
 from sparseseg.errors import SparsesegError
 
 
@@ -23,10 +24,14 @@ class _Frozen(BaseModel):
 
 
 class BackboneConfig(_Frozen):
-    """Which network gives the pixel features, and where its weights are read (docs/backbones.md)."""
+    """Which network gives the pixel features, and where its weights are read (docs/backbones.md).
+
+    `name` is a registry name (`sparseseg list backbones`); its `BackboneSpec` says which of the
+    optional fields below it reads: setting another one is an error, as it would silently change nothing.
+    """
 
     # --- which network and its weights ---
-    name: Literal["adm", "diffusers", "efficientnet_lite0", "transformers"] = "adm"
+    name: str = "adm"  # a name in sparseseg.backbones.registry.BACKBONES
     checkpoint: Path | None = None  # adm: a .pt file; diffusers, transformers: a local folder (save_pretrained layout)
     hub_id: str | None = None  # diffusers, transformers: a Hugging Face Hub repo id such as microsoft/resnet-50
     preset: str | None = None  # adm only: OpenAI flags for a plain state dict: imagenet_256, lsun_bedroom
@@ -38,22 +43,26 @@ class BackboneConfig(_Frozen):
     device: str = "auto"  # auto = cuda when present
     batch_size: int = Field(4, ge=1)  # images per backbone call
 
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str) -> str:
+        if name not in BACKBONES:
+            raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+        return name
+
     @model_validator(mode="after")
     def _check_fields(self) -> BackboneConfig:
-        # A setting the chosen backbone ignores is an error: it would silently change nothing.
-        unused = {
-            "hub_id": self.name not in ("diffusers", "transformers") and self.hub_id is not None,
-            "preset": self.name != "adm" and self.preset is not None,
-            "config_file": self.name != "adm" and self.config_file is not None,
-            "timesteps": self.name in ("efficientnet_lite0", "transformers") and self.timesteps is not None,
-            "checkpoint": self.name == "efficientnet_lite0" and self.checkpoint is not None,
-        }
-        for key, bad in unused.items():
-            if bad:
-                raise ValueError(f"backbone.{key} is not used by backbone.name={self.name}")
-        if self.checkpoint is not None and self.hub_id is not None:  # diffusers or transformers
-            raise ValueError(f"backbone.checkpoint and backbone.hub_id both set: give one {self.name} model")
+        problem = BACKBONES[self.name].unused_problem(self)
+        if problem:
+            raise ValueError(problem)
         return self
+
+    def missing_problem(self) -> str | None:
+        """What a run still needs (the weights: `backbone.checkpoint is required ...`), or None.
+
+        Not checked here, so that a default `BackboneConfig()` exists; `ExperimentConfig` checks it.
+        """
+        return BACKBONES[self.name].missing_problem(self)
 
 
 class FeatureConfig(_Frozen):
@@ -184,12 +193,9 @@ class ExperimentConfig(RoundSettings):
 
     @model_validator(mode="after")
     def _check_backbone(self) -> ExperimentConfig:
-        bb = self.backbone
-        if bb.name == "adm" and bb.checkpoint is None:
-            raise ValueError("backbone.checkpoint is required (an ADM .pt from OpenAI or `sparseseg pretrain`)")
-        if bb.name in ("diffusers", "transformers") and bb.checkpoint is None and bb.hub_id is None:
-            raise ValueError(f"backbone.checkpoint (a local {bb.name} folder) or backbone.hub_id is required "
-                             f"for backbone.name={bb.name}")
+        problem = self.backbone.missing_problem()
+        if problem:
+            raise ValueError(problem)
         return self
 
 

@@ -7,6 +7,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from sparseseg.errors import SparsesegError
+
 
 @dataclass(frozen=True)
 class FeatureInfo:
@@ -48,3 +50,37 @@ class FeatureBackbone(Protocol):
             One (B, num_chs, S / reduction, S / reduction) float32 tensor per `feature_info` entry.
         """
         ...
+
+
+def check_images(images: torch.Tensor, size: int) -> None:
+    """Raises SparsesegError unless `images` is a (B, 3, size, size) batch.
+
+    Args:
+        images: what a backbone's `extract` was given.
+        size: the backbone's `input_size`.
+    """
+    if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
+        raise SparsesegError(f"images of shape {tuple(images.shape)}: expected (B, 3, {size}, {size})")
+
+
+def check_input_size(size: int | None, divisor: int, reason: str, owner: str = "") -> int:
+    """`size` if it is a positive multiple of `divisor`, else one SparsesegError.
+
+    Args:
+        size: the input side asked for (None when nothing gave one).
+        divisor: the network's stride that the side must be a multiple of.
+        reason: why, in words, ending the message (e.g. "for this UNet (3 levels)").
+        owner: the backbone's name, leading the message when given.
+
+    Returns:
+        `size` as an int.
+    """
+    if not size or size <= 0 or size % divisor:
+        lead = f"{owner} " if owner else ""
+        raise SparsesegError(f"{lead}input_size {size}: must be a positive multiple of {divisor} {reason}")
+    return int(size)
+
+
+def fast_path(device: torch.device, fast: bool | None) -> bool:
+    """Whether a backbone runs bf16 autocast + channels_last: as asked, else on CUDA only (CPU stays float32)."""
+    return device.type == "cuda" if fast is None else fast

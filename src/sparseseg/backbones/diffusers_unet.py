@@ -43,14 +43,18 @@ import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from sparseseg.backbones.base import FeatureInfo
+from sparseseg.backbones.base import check_input_size
+from sparseseg.backbones.diffusion_backbone import DiffusionBackbone, check_timesteps
 from sparseseg.errors import SparsesegError
 from sparseseg.io import read_json_object
+
+if TYPE_CHECKING:
+    from sparseseg.config import BackboneConfig
 
 PAPER_TIMESTEPS = (50, 150, 250)  # for a 1000-step schedule
 DEFAULT_NUM_BLOCKS = 4
@@ -216,7 +220,7 @@ class _Stop(Exception):
     """Raised by the hook of the deepest wanted block: the rest of the decoder is not needed."""
 
 
-class DiffusersUNetBackbone:
+class DiffusersUNetBackbone(DiffusionBackbone):
     """`up_blocks` activations of a diffusers UNet2DModel at several timesteps: a `FeatureBackbone`.
 
     Each image is noised with the scheduler's `add_noise` at every timestep using the same noise
@@ -255,9 +259,8 @@ class DiffusersUNetBackbone:
                 f"UNet2DModel with in_channels={unet.config.in_channels}: expected an RGB pixel-space model (3)"
             )
         steps = int(scheduler.config.num_train_timesteps)
-        timesteps = default_timesteps(steps) if timesteps is None else tuple(int(t) for t in timesteps)
-        if not timesteps or any(not 0 <= t < steps for t in timesteps):
-            raise SparsesegError(f"timesteps {list(timesteps)}: expected values in 0..{steps - 1} (this scheduler)")
+        timesteps = check_timesteps(default_timesteps(steps) if timesteps is None else timesteps, steps,
+                                    " (this scheduler)")
         self.block_info = up_block_info(unet)
         n = len(self.block_info)
         blocks = default_blocks(self.block_info) if blocks is None else tuple(int(b) for b in blocks)
@@ -266,30 +269,15 @@ class DiffusersUNetBackbone:
                 f"blocks {list(blocks)}: expected distinct up_blocks indices in 0..{n - 1} "
                 f"({', '.join(f'{i}: {c}@1/{r}' for i, (c, r) in enumerate(self.block_info))})"
             )
-        divisor = size_divisor(unet)
         sample = unet.config.sample_size
         native = sample if isinstance(sample, int) else (sample[0] if sample else None)
-        size = input_size or native
-        if not size or size <= 0 or size % divisor:
-            raise SparsesegError(
-                f"input_size {size}: must be a positive multiple of {divisor} for this UNet "
-                f"({len(unet.down_blocks)} levels); set backbone.input_size"
-            )
-        self.device = torch.device(device)
-        self.fast = self.device.type == "cuda" if fast is None else fast
+        size = check_input_size(input_size or native, size_divisor(unet),
+                                f"for this UNet ({len(unet.down_blocks)} levels); set backbone.input_size")
+        self._set_features(timesteps, blocks, self.block_info, size, device, fast, noise_seed)
         self.unet = unet.to(self.device).eval()
         if self.fast:
             self.unet.to(memory_format=torch.channels_last)
         self.scheduler = scheduler
-        self.timesteps = list(timesteps)
-        self.blocks = list(blocks)
-        self.input_size = int(size)
-        self.noise_seed = noise_seed
-        self.feature_info = [
-            FeatureInfo(num_chs=self.block_info[b][0], reduction=self.block_info[b][1], block=b, timestep=t)
-            for t in self.timesteps
-            for b in self.blocks
-        ]
 
     @classmethod
     def from_pretrained(
@@ -305,18 +293,8 @@ class DiffusersUNetBackbone:
         unet, scheduler = load_diffusers_unet(source)
         return cls(unet, scheduler, timesteps, blocks, input_size, device=device, fast=fast)
 
-    def _default_noise(self) -> torch.Tensor:
-        """(1, 3, S, S) fixed noise shared by all images (as ADMBackbone does)."""
-        gen = torch.Generator().manual_seed(self.noise_seed)
-        return torch.randn((1, 3, self.input_size, self.input_size), generator=gen)
-
     def noisy_inputs(self, images: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x_t for every timestep, timestep-major: ((T*B, 3, S, S), (T*B,) timesteps).
-
-        Args:
-            images: (B, 3, S, S) clean images in [-1, 1] on `device`.
-            noise: (B or 1, 3, S, S) standard normal noise on `device`, used at every timestep.
-        """
+        """x_t = the scheduler's add_noise for every timestep, timestep-major: ((T*B, 3, S, S), (T*B,))."""
         b = images.shape[0]
         noise = noise.expand_as(images)
         t = torch.tensor(self.timesteps, device=self.device, dtype=torch.long).repeat_interleave(b)
@@ -324,28 +302,8 @@ class DiffusersUNetBackbone:
                                        noise.repeat(len(self.timesteps), 1, 1, 1), t)
         return x_t, t
 
-    def extract(self, images: torch.Tensor, noise: torch.Tensor | None) -> list[torch.Tensor]:
-        """Feature maps for a batch.
-
-        Args:
-            images: (B, 3, S, S) in [-1, 1], S = `input_size`.
-            noise: (B, 3, S, S) standard normal noise (or (1, 3, S, S), shared), used at every
-                timestep; None draws a fixed noise from `noise_seed`.
-
-        Returns:
-            One float32 (B, num_chs, S / reduction, S / reduction) tensor per `feature_info`
-            entry, on `device`, in timestep-major order.
-        """
-        s = self.input_size
-        if images.ndim != 4 or tuple(images.shape[1:]) != (3, s, s):
-            raise SparsesegError(f"images of shape {tuple(images.shape)}: expected (B, 3, {s}, {s})")
-        noise = self._default_noise() if noise is None else noise
-        if noise.ndim != 4 or tuple(noise.shape[1:]) != (3, s, s) or noise.shape[0] not in (1, images.shape[0]):
-            raise SparsesegError(f"noise of shape {tuple(noise.shape)}: expected (B or 1, 3, {s}, {s})")
-        b = images.shape[0]
-        x_t, t = self.noisy_inputs(images.to(self.device, torch.float32), noise.to(self.device, torch.float32))
-        if self.fast:
-            x_t = x_t.contiguous(memory_format=torch.channels_last)
+    def _decoder_maps(self, x_t: torch.Tensor, t: torch.Tensor) -> dict[int, torch.Tensor]:
+        """The `up_blocks` outputs, read by forward hooks; the hook of the deepest one stops the pass."""
         found: dict[int, torch.Tensor] = {}
         last = max(self.blocks)
 
@@ -360,11 +318,21 @@ class DiffusersUNetBackbone:
 
         handles = [self.unet.up_blocks[i].register_forward_hook(hook(i)) for i in self.blocks]
         try:
-            with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.fast):
-                self.unet(x_t, t, return_dict=False)
+            self.unet(x_t, t, return_dict=False)
         except _Stop:
             pass
         finally:
             for handle in handles:
                 handle.remove()
-        return [found[blk][i * b : (i + 1) * b].float() for i in range(len(self.timesteps)) for blk in self.blocks]
+        return found
+
+
+def build(config: BackboneConfig, device: str | torch.device, default_size: int) -> DiffusersUNetBackbone:
+    """`backbone.name=diffusers`: a local folder (`checkpoint`) or a Hub id (`hub_id`).
+
+    The input size is `config.input_size`, else the UNet's `sample_size`, else `default_size`.
+    """
+    # A Path is always read as a local folder; a hub id may also name a folder in the Hub cache.
+    unet, scheduler = load_diffusers_unet(config.checkpoint if config.checkpoint is not None else config.hub_id)
+    size = config.input_size or (None if unet.config.sample_size else default_size)
+    return DiffusersUNetBackbone(unet, scheduler, config.timesteps, config.blocks, size, device=device)

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sparseseg.backbones.adm import ADMFlags, ADMUNet
+from sparseseg.backbones.adm_flags import ADMFlags
+from sparseseg.backbones.adm_unet import ADMUNet
 from sparseseg.backbones.diffusion import NoiseSchedule
 from sparseseg.data.dataset import images_to_model_input
 from sparseseg.errors import SparsesegError

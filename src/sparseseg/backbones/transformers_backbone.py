@@ -55,14 +55,17 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from sparseseg.backbones.base import FeatureInfo
+from sparseseg.backbones.base import FeatureInfo, check_images, check_input_size, fast_path
 from sparseseg.errors import SparsesegError, one_line
 from sparseseg.io import read_json_object
+
+if TYPE_CHECKING:
+    from sparseseg.config import BackboneConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -432,17 +435,14 @@ class TransformersBackbone:
         stages = sorted(stages)  # the backbone returns its maps in stage order
         largest = max(table[s][1] for s in stages)
         size = _nearest_multiple(int(default_size), largest) if input_size is None else int(input_size)
-        if size <= 0 or size % largest:
-            raise SparsesegError(
-                f"transformers input_size {size}: must be a positive multiple of {largest} (the largest reduction "
-                f"among stages {stages}); set backbone.input_size"
-            )
+        size = check_input_size(size, largest, f"(the largest reduction among stages {stages}); set backbone.input_size",
+                                owner="transformers")
         probe.check_size(size, stages, table)
         self.stages = stages
         self.input_size = size
         self.model.out_indices = stages  # sets the config's out_indices and out_features
         self.device = torch.device(device)
-        self.fast = self.device.type == "cuda" if fast is None else fast
+        self.fast = fast_path(self.device, fast)
         self.model = self.model.to(self.device)
         if self.fast:
             self.model.to(memory_format=torch.channels_last)
@@ -484,9 +484,7 @@ class TransformersBackbone:
             One float32 (B, num_chs, S / reduction, S / reduction) tensor per `feature_info`
             entry, on `device`.
         """
-        s = self.input_size
-        if images.ndim != 4 or tuple(images.shape[1:]) != (3, s, s):
-            raise SparsesegError(f"images of shape {tuple(images.shape)}: expected (B, 3, {s}, {s})")
+        check_images(images, self.input_size)
         x = self.normalise(images.to(self.device, torch.float32))
         if self.fast:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -496,3 +494,13 @@ class TransformersBackbone:
         if len(maps) != len(self.feature_info):
             raise SparsesegError(f"{self.name}: the backbone returned {len(maps)} maps for stages {self.stages}")
         return [m.float().contiguous() for m in maps]
+
+
+def build(config: BackboneConfig, device: str | torch.device, default_size: int) -> TransformersBackbone:
+    """`backbone.name=transformers`: a local folder (`checkpoint`) or a Hub id (`hub_id`).
+
+    Without `config.input_size`: `default_size` rounded to a multiple of the largest stride among the stages.
+    """
+    return TransformersBackbone.from_pretrained(
+        config.checkpoint if config.checkpoint is not None else config.hub_id, stages=config.blocks,
+        input_size=config.input_size, default_size=default_size, device=device)

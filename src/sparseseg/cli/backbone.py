@@ -7,7 +7,14 @@ from typing import Annotated
 
 import typer
 
+from sparseseg.backbones.registry import BACKBONES
 from sparseseg.cli.app import app, console, friendly, int_list, progress_bars
+
+# What --checkpoint is, per backbone, from the registry (shipped weights need none).
+_CHECKPOINT_HELP = "; ".join(
+    [f"{spec.name}: {spec.checkpoint_help}" + (" or a Hub id" if "hub_id" in spec.requires else "")
+     for spec in BACKBONES.values() if spec.requires]
+    + [f"{', '.join(s.name for s in BACKBONES.values() if s.weights == 'shipped')}: none (weights shipped)"])
 
 
 @app.command()
@@ -59,12 +66,9 @@ def fetch_backbone(
 def features(
     image: Annotated[Path, typer.Option(help="An image file.")],
     out: Annotated[Path, typer.Option(help="Output .npz.")],
-    checkpoint: Annotated[Path | None, typer.Option(
-        help="adm: OpenAI .pt or from `sparseseg pretrain`; diffusers, transformers: a folder or Hub id; "
-             "efficientnet_lite0: none."
-    )] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help=_CHECKPOINT_HELP)] = None,
     backbone: Annotated[str, typer.Option(
-        help="adm, diffusers, efficientnet_lite0 or transformers (docs/backbones.md).")] = "adm",
+        help=f"A registry name: {', '.join(BACKBONES)} (`sparseseg list backbones`, docs/backbones.md).")] = "adm",
     size: Annotated[int, typer.Option(help="Resize the image to size x size (bilinear).")] = 256,
     timesteps: Annotated[str | None, typer.Option(
         help="Comma-separated timesteps (default: the backbone's; adm 50,150,250).")] = None,

@@ -79,6 +79,20 @@ def list_strategies(pattern: Annotated[str, typer.Argument(help="Shell-style fil
             console.print(name)
 
 
+@list_app.command("backbones")
+def list_backbones_cmd(pattern: Annotated[str, typer.Argument(help="Shell-style filter.")] = "*") -> None:
+    """Backbone names a config can use (backbone.name): what each is, and what weights it needs."""
+    from sparseseg.backbones.registry import list_backbones
+
+    for spec in list_backbones(pattern):
+        kind = "diffusion" if spec.diffusion else "deterministic"
+        defaults = [f"{what} {','.join(map(str, value))}" for what, value in
+                    (("timesteps", spec.default_timesteps), ("blocks", spec.default_blocks)) if value]
+        console.print(f"{spec.name:<20}{kind:<15}{spec.summary}", highlight=False, markup=False, soft_wrap=True)
+        console.print(f"{'':<20}weights: {spec.weights_note}" + (f"; defaults: {'; '.join(defaults)}" if defaults
+                                                                  else ""), highlight=False, markup=False, soft_wrap=True)
+
+
 @app.command()
 @friendly
 def demo(

@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pydantic
 import torch
 from PIL import Image
 
+from sparseseg.backbones.registry import build_backbone, get_spec
+from sparseseg.config import BackboneConfig
 from sparseseg.data.dataset import images_to_model_input, read_rgb
 from sparseseg.errors import SparsesegError
 
@@ -39,63 +42,35 @@ def image_features(
 ) -> dict[str, np.ndarray]:
     """`x_t{t}` and native-resolution `block{b}_t{t}` arrays of one image (the fixture's naming).
 
-    The image is resized bilinearly to size x size and scaled to [-1, 1]; the same noise is used at
-    every timestep. `backbone` is a registry name (docs/backbones.md); timesteps and blocks left
-    None take the backbone's defaults. EfficientNet maps are named `stage{s}` and have no `x_t`.
+    The backbone is built from the registry exactly as a run config would build it (so settings it
+    does not use, such as --preset for diffusers, are rejected) and gives the maps a run uses. The
+    image is resized bilinearly to size x size and scaled to [-1, 1]; the same noise is used at
+    every timestep. Timesteps and blocks left None take the backbone's defaults. Maps without a
+    timestep (CNNs, transformers) are named `stage{s}` and have no `x_t`.
+
+    Args:
+        checkpoint: the weights; for a backbone that also takes a Hub id, a name that is no local
+            path is taken as one.
+        backbone: a registry name (`sparseseg list backbones`).
+
+    Raises:
+        SparsesegError: unknown backbone, settings it does not use, missing or unfit weights,
+            unreadable image or noise.
     """
-    if backbone != "adm":
-        return _registry_features(backbone, checkpoint, image, size, timesteps, blocks, noise_file, seed,
-                                  preset=preset, config_file=config_file)
-    from sparseseg.backbones.adm import ADMFlags, block_outputs, load_adm
-    from sparseseg.backbones.diffusion import NoiseSchedule
-    from sparseseg.backbones.registry import ADM_BLOCKS, ADM_TIMESTEPS, adm_checkpoint_file
-
-    checkpoint = adm_checkpoint_file(checkpoint)
-    timesteps, blocks = timesteps or ADM_TIMESTEPS, blocks or ADM_BLOCKS
-    flags = ADMFlags.from_file(config_file) if config_file is not None else None
-    model, flags = load_adm(checkpoint, flags=flags, preset=preset)
-    pil = read_rgb(image).resize((size, size), resample=Image.BILINEAR)
-    x0 = images_to_model_input(torch.from_numpy(np.array(pil)))
-    if noise_file is not None:
-        noise = load_noise(noise_file, size)
-    else:
-        noise = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
-    schedule = NoiseSchedule.named(flags.noise_schedule, flags.diffusion_steps)
-    return block_outputs(model, schedule, x0, timesteps, blocks, noise)
-
-
-def _registry_features(
-    name: str,
-    checkpoint: Path | None,
-    image: Path,
-    size: int,
-    timesteps: tuple[int, ...] | None,
-    blocks: tuple[int, ...] | None,
-    noise_file: Path | None,
-    seed: int,
-    preset: str | None = None,
-    config_file: Path | None = None,
-) -> dict[str, np.ndarray]:
-    """The same arrays for a diffusers or EfficientNet backbone, built as a run config would
-    (so settings the backbone does not use, such as --preset, are rejected)."""
-    import pydantic
-
-    from sparseseg.backbones.registry import BACKBONES, build_backbone
-    from sparseseg.config import BackboneConfig
-
-    if name not in BACKBONES:
-        raise SparsesegError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
-    fields: dict = {"name": name, "timesteps": timesteps or None, "blocks": blocks or None, "input_size": size,
+    spec = get_spec(backbone)
+    fields: dict = {"name": backbone, "timesteps": timesteps or None, "blocks": blocks or None, "input_size": size,
                     "preset": preset, "config_file": config_file}
     if checkpoint is not None:
-        # For Hub-backed backbones a name that is no local path is taken as a Hugging Face Hub id.
-        local = name not in ("diffusers", "transformers") or Path(checkpoint).expanduser().exists()
+        local = "hub_id" not in spec.fields or Path(checkpoint).expanduser().exists()
         fields["checkpoint" if local else "hub_id"] = checkpoint if local else str(checkpoint)
     try:
         config = BackboneConfig(**fields)
     except pydantic.ValidationError as err:
-        raise SparsesegError(f"--backbone {name}: {err.errors()[0]['msg'].removeprefix('Value error, ')}") from None
-    backbone = build_backbone(config, "cpu", default_size=size)
+        raise SparsesegError(f"--backbone {backbone}: {err.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+    missing = config.missing_problem()
+    if missing:
+        raise SparsesegError(f"--backbone {backbone}: {missing}; pass it as --checkpoint")
+    model = build_backbone(config, "cpu", default_size=size)
     pil = read_rgb(image).resize((size, size), resample=Image.BILINEAR)
     x0 = images_to_model_input(torch.from_numpy(np.array(pil)))
     if noise_file is not None:
@@ -103,11 +78,11 @@ def _registry_features(
     else:
         noise = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
     arrays: dict[str, np.ndarray] = {}
-    if hasattr(backbone, "noisy_inputs"):
-        x_t, _ = backbone.noisy_inputs(x0, noise)
-        for i, t in enumerate(backbone.timesteps):
+    if spec.diffusion:
+        x_t, _ = model.noisy_inputs(x0, noise)
+        for i, t in enumerate(model.timesteps):
             arrays[f"x_t{t}"] = x_t[i : i + 1].numpy()
-    for info, fmap in zip(backbone.feature_info, backbone.extract(x0, noise), strict=True):
+    for info, fmap in zip(model.feature_info, model.extract(x0, noise), strict=True):
         key = f"block{info.block}_t{info.timestep}" if info.timestep >= 0 else f"stage{info.block}"
         arrays[key] = fmap.cpu().numpy()
     return arrays
