@@ -168,12 +168,30 @@ def test_init_refuses_bad_input_before_writing_anything(world, tmp_path):
     reserved.write_text("road\nunsure\n")
     with pytest.raises(SparsesegError, match="'unsure' is reserved"):
         init_project(tmp_path / "p1", **{**args, "classes_file": reserved})
-    with pytest.raises(SparsesegError, match="no backbone"):
-        init_project(tmp_path / "p2", **{**args, "backbone": None})
+    with pytest.raises(SparsesegError, match="backbone.checkpoint is required"):
+        init_project(tmp_path / "p2", **args, overrides=["backbone.checkpoint=null"])
     with pytest.raises(SparsesegError, match="strategy.nope"):
         init_project(tmp_path / "p3", **args, overrides=["strategy.nope=1"])
     assert not any((tmp_path / p).exists() for p in ("p1", "p2", "p3"))
     assert [p.name for p in (tmp_path / "busy").iterdir()] == ["x.txt"]
+
+
+def test_a_project_needs_no_backbone_and_gets_the_strategy_that_fits(world, tmp_path):
+    # Without --backbone: the EfficientNet-Lite0 shipped with the package, and two-stage eBALD with
+    # MC dropout in the head (the counterpart of eDALD on a backbone without noise samples).
+    proj = init_project(tmp_path / "photos", world["images"], world["classes"], size=SIZE,
+                        overrides=[s for s in SETTINGS if not s.startswith("strategy.noise")])
+    cfg = proj.config
+    assert (cfg.backbone.name, cfg.strategy.name, cfg.head.dropout) == ("efficientnet_lite0", "two_stage_ebald", 0.1)
+    first = proj.query()
+    assert first.queries == 4 and first.coverage_only
+    ids = [int(line.split(",")[0]) for line in (round_dir(proj.root, 1) / "queries.csv").read_text().splitlines()[1:]]
+    answers = tmp_path / "answers.csv"
+    answers.write_text("query_id,class\n" + "".join(f"{i},{SYNTHETIC_CLASSES[k % 3]}\n" for k, i in enumerate(ids)))
+    proj.import_file(answers)
+    second = proj.query()  # eBALD on MC-dropout samples of the head trained on the answers
+    assert second.queries == 4 and not second.coverage_only
+    proj.close()
 
 
 # ---------------------------------------------------------------------------- query and export

@@ -40,3 +40,24 @@ def test_budget_default_is_a_tenth_of_the_images():
     cfg = ExperimentConfig(data=Path("d"), backbone={"checkpoint": "a.pt"})
     assert cfg.budget_for(367) == 37 and cfg.budget_for(4) == 1
     assert cfg.model_copy(update={"budget": 5}).budget_for(367) == 5
+
+
+def test_the_default_strategy_fits_the_backbone():
+    from sparseseg.config import ProjectConfig
+
+    def cfg(*sets):
+        return load_config(None, ["data=d", *sets])
+
+    adm = cfg("backbone.checkpoint=a.pt")
+    assert (adm.strategy.name, adm.head.dropout) == ("two_stage_edald", 0.0)  # the paper's, on a diffusion UNet
+    cnn = cfg("backbone.name=efficientnet_lite0")
+    assert (cnn.strategy.name, cnn.head.dropout, cnn.head.ensemble) == ("two_stage_ebald", 0.1, 1)
+    ens = cfg("backbone.name=efficientnet_lite0", "head.ensemble=6")
+    assert (ens.strategy.name, ens.head.dropout, ens.head.ensemble) == ("two_stage_ebald", 0.0, 6)
+    chosen = cfg("backbone.name=efficientnet_lite0", "strategy.name=two_stage_margin")
+    assert (chosen.strategy.name, chosen.head.dropout) == ("two_stage_margin", 0.0)  # a named strategy stays as given
+    assert load_config(None, schema=ProjectConfig).backbone.name == "efficientnet_lite0"
+    project = load_config(None, ["backbone.device=cpu"], schema=ProjectConfig)  # a partial section keeps the default
+    assert (project.backbone.name, project.strategy.name) == ("efficientnet_lite0", "two_stage_ebald")
+    again = load_config(None, [f"{k}={v}" for k, v in (("strategy.name", "random"),)], schema=ProjectConfig)
+    assert (again.strategy.name, again.head.dropout) == ("random", 0.0)

@@ -159,8 +159,38 @@ def _moved_noise_samples(tree: Any) -> Any:
     return tree
 
 
+#: The strategy used when `strategy.name` is not given, by kind of backbone: the paper's two-stage eDALD
+#: on diffusion backbones; on deterministic ones its counterpart, whose samples come from the head.
+DEFAULT_STRATEGY = {True: "two_stage_edald", False: "two_stage_ebald"}
+#: The head setting that counterpart needs when neither head.dropout nor head.ensemble is given.
+DEFAULT_HEAD_SAMPLES = {"dropout": 0.1}
+
+
+def _backbone_defaults(tree: Any, default_backbone: str) -> Any:
+    """Fill in the strategy (and the head sampling it needs) that fit the backbone, when not given."""
+    if not isinstance(tree, dict):
+        return tree
+    backbone = tree.get("backbone") if isinstance(tree.get("backbone"), dict) else {}
+    if "backbone" in tree and isinstance(tree["backbone"], dict) and "name" not in backbone:
+        tree = {**tree, "backbone": {**backbone, "name": default_backbone}}  # a partial section keeps the default
+    spec = BACKBONES.get(backbone.get("name", default_backbone))
+    strategy = tree.get("strategy") if isinstance(tree.get("strategy"), dict) else {}
+    if spec is None or "name" in strategy or not isinstance(tree.get("strategy", {}), dict):
+        return tree  # an unknown backbone is reported by BackboneConfig; an explicit strategy stays
+    tree = {**tree, "strategy": {**strategy, "name": DEFAULT_STRATEGY[spec.diffusion]}}
+    head = tree.get("head") if isinstance(tree.get("head"), dict) else {}
+    if not spec.diffusion and isinstance(tree.get("head", {}), dict) and not {"dropout", "ensemble"} & set(head):
+        tree["head"] = {**head, **DEFAULT_HEAD_SAMPLES}
+    return tree
+
+
 class RoundSettings(_Frozen):
-    """What a round of active learning needs, in a simulated run and a labelling project alike."""
+    """What a round of active learning needs, in a simulated run and a labelling project alike.
+
+    Without `strategy.name`, the strategy that fits the backbone is filled in (DEFAULT_STRATEGY), and
+    on a deterministic backbone the head sampling it needs (DEFAULT_HEAD_SAMPLES) unless
+    `head.dropout` or `head.ensemble` is given; the saved config then names them.
+    """
 
     seed: int = 0
     budget: int | None = Field(None, ge=1)  # pixels per round; None: round(budget_fraction * N)
@@ -173,6 +203,11 @@ class RoundSettings(_Frozen):
     sam: SamExpansionConfig = SamExpansionConfig()  # read only with expansion=sam (so one --set serves a sweep)
 
     _migrate = model_validator(mode="before")(_moved_noise_samples)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fit_backbone(cls, tree: Any) -> Any:
+        return _backbone_defaults(tree, cls.model_fields["backbone"].default.name)
 
     def budget_for(self, num_images: int) -> int:
         """Pixels per round: the explicit count, else round(fraction * N), at least 1."""
@@ -207,8 +242,12 @@ DEFAULT_IMAGE_URL = "/data/local-files/?d=data/train/images/{file}"
 class ProjectConfig(RoundSettings):
     """A labelling project's settings (`PROJECT/project.yaml`): what may be tuned between rounds.
 
-    The project's identity (its uuid, classes and images) lives in its database, not here.
+    The project's identity (its uuid, classes and images) lives in its database, not here. Its
+    backbone defaults to the ImageNet EfficientNet-Lite0 whose weights ship with the package, so a
+    team can start from its photos alone.
     """
+
+    backbone: BackboneConfig = BackboneConfig(name="efficientnet_lite0")
 
     image_url: str = DEFAULT_IMAGE_URL  # Label Studio task image address, see DEFAULT_IMAGE_URL
 

@@ -44,7 +44,9 @@ def init_project(root: Path, images: Path, classes_file: Path, size: int = 256, 
         classes_file: one class per line (`name` or `name r g b`); line i is class id i.
         size: working side: images are resized (bilinear, aspect not kept) to size x size.
         overrides: `key=value` settings of ProjectConfig (dotted keys).
-        backbone: backbone settings given as options (e.g. {"checkpoint": ...}).
+        backbone: backbone settings given as options (e.g. {"checkpoint": ...}: an ADM checkpoint unless
+            a name is given); None: the ProjectConfig default, the EfficientNet-Lite0 shipped with the
+            package, and the strategy that fits it.
 
     Raises:
         SparsesegError: a non-empty `root`, bad images or classes, a reserved class name, bad settings.
@@ -60,11 +62,13 @@ def init_project(root: Path, images: Path, classes_file: Path, size: int = 256, 
                                  "skip answer, 'query' marks unanswered CVAT points); rename it")
     if len(classes) > 255:
         raise SparsesegError(f"{classes_file}: {len(classes)} classes; at most 255 fit an 8-bit label map")
+    if backbone and "name" not in backbone:  # a checkpoint given as an option is an ADM's
+        backbone = {"name": "adm", **backbone}
     config = load_config(None, overrides, {"backbone": backbone} if backbone else None, schema=ProjectConfig,
                          source="project settings")
-    if config.backbone.name == "adm" and config.backbone.checkpoint is None:
-        raise SparsesegError("no backbone: pass --backbone CHECKPOINT (an ADM .pt, e.g. from `sparseseg pretrain`) "
-                             "or --set backbone.name=...")
+    problem = config.backbone.missing_problem()
+    if problem:
+        raise SparsesegError(f"project settings: {problem}")
     if config.backbone.checkpoint is not None and not config.backbone.checkpoint.exists():
         raise SparsesegError(f"{config.backbone.checkpoint}: backbone checkpoint not found")
     if config.expansion == "sam" and config.sam.checkpoint is not None and not config.sam.checkpoint.exists():

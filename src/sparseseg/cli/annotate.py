@@ -28,7 +28,9 @@ def init(
     project: Annotated[Path, typer.Argument(help="The project folder to create (new or empty).")],
     images: Annotated[Path, typer.Option(help="Folder of the images to label.")],
     classes: Annotated[Path, typer.Option(help="Class names, one per line (`name` or `name r g b`).")],
-    backbone: Annotated[Path | None, typer.Option(help="ADM checkpoint (.pt, e.g. from `sparseseg pretrain`).")] = None,
+    backbone: Annotated[Path | None, typer.Option(
+        help="ADM checkpoint (.pt, e.g. from `sparseseg pretrain`); without it, the ImageNet EfficientNet-Lite0 "
+             "shipped with the package (no download).")] = None,
     preset: Annotated[str | None, typer.Option(help="Flags of an OpenAI checkpoint: imagenet_256, lsun_bedroom.")] = None,
     size: Annotated[int, typer.Option(help="Working resolution: images are resized to size x size.")] = 256,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Project setting key=value (dotted keys).")] = None,
