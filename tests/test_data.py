@@ -25,8 +25,10 @@ from sparseseg.data.dataset import (
     load_split,
     save_meta,
 )
-from sparseseg.data.prepare import prepare_camvid, prepare_folder, read_classes_file
+from sparseseg.data.folder import prepare_folder
+from sparseseg.data.prepare import prepare_camvid
 from sparseseg.data.synthetic import SYNTHETIC_CLASSES, make_synthetic
+from sparseseg.data.values import read_classes_file
 from sparseseg.errors import SparsesegError
 from tests.conftest import SHARED
 

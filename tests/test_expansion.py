@@ -28,7 +28,7 @@ from sparseseg.annotate.review import crosshair_image
 from sparseseg.annotate.store import DB_FILE, SCHEMA_VERSION
 from sparseseg.compare import Comparison, StrategyResult, plan_comparison, render_markdown
 from sparseseg.config import HeadConfig, SamExpansionConfig, dump_config, load_config
-from sparseseg.data.dataset import read_rgb
+from sparseseg.data.readers import read_image
 from sparseseg.data.synthetic import SYNTHETIC_CLASSES, make_synthetic
 from sparseseg.errors import SparsesegError
 from sparseseg.expansion.base import choose, masks_to_image, model_to_pixel, pixel_to_model, resized_shape
@@ -404,7 +404,7 @@ def test_human_loop_stores_trains_on_and_draws_regions(world, tmp_path):
     assert len(resolved) > 0  # random SAM weights give large masks
     names = {r.id: r.name for r in proj.image_rows}
     for name in {p.stem for p in (round_dir(root, second.round) / "review").iterdir()}:
-        rgb = np.asarray(read_rgb(root / "data" / "train" / "images" / f"{name}.png"))
+        rgb = np.asarray(read_image(root / "data" / "train" / "images" / f"{name}.png"))
         points = [(int(q[0]), int(q[3]), int(q[2])) for q in
                   (line.split(",") for line in (round_dir(root, second.round) / "queries.csv").read_text().splitlines()[1:])
                   if q[1] == name]

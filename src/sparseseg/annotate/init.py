@@ -6,7 +6,6 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from sparseseg.annotate.importers import RESERVED_LABELS, SKIP_LABEL
@@ -15,14 +14,9 @@ from sparseseg.annotate.project import Project
 from sparseseg.annotate.store import DB_FILE, AnnotationStore, ImageRow
 from sparseseg.config import ProjectConfig, dump_config, load_config
 from sparseseg.data.dataset import DatasetMeta, default_palette, one_line, save_meta
-from sparseseg.data.prepare import (
-    _check_size,
-    _Job,
-    _run_jobs,
-    images_by_stem,
-    read_classes_file,
-    staged_output,
-)
+from sparseseg.data.prepare import check_size, prepare_images, staged_output
+from sparseseg.data.readers import list_images
+from sparseseg.data.values import read_classes_file
 from sparseseg.errors import SparsesegError
 
 
@@ -52,7 +46,7 @@ def init_project(root: Path, images: Path, classes_file: Path, size: int = 256, 
         SparsesegError: a non-empty `root`, bad images or classes, a reserved class name, bad settings.
     """
     root = Path(root)
-    _check_size(size)
+    check_size(size)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise SparsesegError(f"{root}: exists and is not an empty folder; choose a new project folder")
     classes, palette = read_classes_file(classes_file)
@@ -73,13 +67,12 @@ def init_project(root: Path, images: Path, classes_file: Path, size: int = 256, 
         raise SparsesegError(f"{config.backbone.checkpoint}: backbone checkpoint not found")
     if config.expansion == "sam" and config.sam.checkpoint is not None and not config.sam.checkpoint.exists():
         raise SparsesegError(f"{config.sam.checkpoint}: SAM checkpoint not found (sam.checkpoint)")
-    by_stem = images_by_stem(Path(images))
+    by_stem = list_images(Path(images))
     paths = [by_stem[stem] for stem in sorted(by_stem)]
     rows = [ImageRow(i, p.stem, str(p.resolve()), *_image_size(p)) for i, p in enumerate(paths)]
     with staged_output(root) as tmp:
         data = tmp / DATA_DIR
-        jobs = [_Job(image=p, mask=None, split_dir=data / SPLIT, stem=p.stem) for p in paths]
-        _run_jobs(jobs, size, np.empty(0, dtype=np.int32), "", progress)
+        prepare_images(paths, data / SPLIT, size, progress)
         save_meta(DatasetMeta(name=root.name or "project", classes=classes,
                               palette=palette or default_palette(len(classes)), size=size,
                               splits={SPLIT: len(paths)}, source=f"images={Path(images).resolve()}"), data)

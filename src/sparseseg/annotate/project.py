@@ -41,7 +41,8 @@ from sparseseg.annotate.regions import expand_new_clicks, stored_regions
 from sparseseg.annotate.review import crosshair_image
 from sparseseg.annotate.store import DB_FILE, AnnotationStore, Snapshot, now
 from sparseseg.config import ProjectConfig
-from sparseseg.data.dataset import load_meta, load_split, read_rgb
+from sparseseg.data.dataset import load_meta, load_split
+from sparseseg.data.readers import read_image
 from sparseseg.errors import SparsesegError
 from sparseseg.io import atomic_write, atomic_write_text
 from sparseseg.labels import IGNORE, PixelLabels
@@ -325,7 +326,7 @@ class Project:
             by_image.setdefault(q.image, []).append((q.id, q.y, q.x))
         regions = self.resolved_regions()  # with expansion: the regions so far, tinted under the crosshairs
         for name, points in sorted(by_image.items()):
-            rgb = np.asarray(read_rgb(self.root / DATA_DIR / SPLIT / "images" / f"{name}.png"))
+            rgb = np.asarray(read_image(self.root / DATA_DIR / SPLIT / "images" / f"{name}.png"))
             if regions is not None:
                 from sparseseg.expansion.regions import tint_regions
 

@@ -6,7 +6,8 @@ Layout of a prepared dataset::
     ROOT/<split>/images/<stem>.png RGB uint8, size x size
     ROOT/<split>/masks/<stem>.png  8-bit label map (0..C-1, 255 = ignore); may be absent
 
-`prepare.py` writes this format from raw datasets; `synthetic.py` writes a demo dataset in it.
+`prepare.py` and `folder.py` write this format from raw datasets (read by `readers.py`);
+`synthetic.py` writes a demo dataset in it.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
+from sparseseg.data.readers import read_image, read_mask
 from sparseseg.errors import SparsesegError, one_line
 from sparseseg.seeding import derived_generator
 
@@ -211,40 +212,6 @@ def is_dataset(root: Path) -> bool:
     return True
 
 
-def read_rgb(path: Path) -> Image.Image:
-    """Open an image file fully (decoded now, file closed) as RGB.
-
-    Raises:
-        SparsesegError: the file cannot be opened or decoded.
-    """
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        raise SparsesegError(f"{path}: unreadable image ({one_line(exc)})") from exc
-
-
-def read_label_map(path: Path) -> np.ndarray:
-    """Open a single-channel label map as an (H, W) integer array (palette PNGs give their indices).
-
-    Raises:
-        SparsesegError: the file cannot be decoded or is not a single-channel label map.
-    """
-    try:
-        with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            arr = np.asarray(im)
-    except Exception as exc:
-        raise SparsesegError(f"{path}: unreadable mask ({one_line(exc)})") from exc
-    if mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L") or arr.ndim != 2:
-        raise SparsesegError(
-            f"{path}: mask has mode {mode}; expected a single-channel label map (8-bit ids, not colours)"
-        )
-    return arr
-
-
 @dataclass
 class Split:
     """One split of a prepared dataset, fully in memory.
@@ -319,7 +286,7 @@ def load_split(root: Path, split: str, progress: ProgressFn | None = None) -> Sp
     valid[: meta.num_classes] = True
     valid[IGNORE_INDEX] = True
     for i, path in enumerate(paths):
-        rgb = read_rgb(path)
+        rgb = read_image(path)
         if rgb.size != (size, size):
             raise SparsesegError(
                 f"{path}: image is {rgb.size[0]}x{rgb.size[1]}, meta.json says {size}x{size}"
@@ -329,7 +296,7 @@ def load_split(root: Path, split: str, progress: ProgressFn | None = None) -> Sp
             mask_path = mask_dir / path.name
             if not mask_path.is_file():
                 raise SparsesegError(f"{mask_path}: mask missing for image {path.name}")
-            label = read_label_map(mask_path)
+            label = read_mask(mask_path)
             if label.shape != (size, size):
                 raise SparsesegError(
                     f"{mask_path}: mask is {label.shape[1]}x{label.shape[0]}, image is {size}x{size}"

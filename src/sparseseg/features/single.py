@@ -11,7 +11,8 @@ from PIL import Image
 
 from sparseseg.backbones.registry import build_backbone, get_spec
 from sparseseg.config import BackboneConfig
-from sparseseg.data.dataset import images_to_model_input, read_rgb
+from sparseseg.data.dataset import images_to_model_input
+from sparseseg.data.readers import read_image
 from sparseseg.errors import SparsesegError
 
 
@@ -71,7 +72,7 @@ def image_features(
     if missing:
         raise SparsesegError(f"--backbone {backbone}: {missing}; pass it as --checkpoint")
     model = build_backbone(config, "cpu", default_size=size)
-    pil = read_rgb(image).resize((size, size), resample=Image.BILINEAR)
+    pil = read_image(image).resize((size, size), resample=Image.BILINEAR)
     x0 = images_to_model_input(torch.from_numpy(np.array(pil)))
     if noise_file is not None:
         noise = load_noise(noise_file, size)

@@ -1,10 +1,11 @@
 """Scribble maps on disk.
 
-A scribble folder holds one PNG per image, named after the image's stem, plus `classes.txt`
-(one class name per line, line i = id i). Each PNG is a single-channel label map (grey `L` or
-palette `P`; palette PNGs give their indices, as ScribbleSup's PASCAL VOC scribbles do) whose
-unlabelled pixels carry an ignore id (255 unless told otherwise). In memory the ignore id is
-always `IGNORE_INDEX` (255), whatever the file used.
+A scribble folder holds one label map per image, named after the image's stem (`<stem>.png`, or
+any other format Pillow reads: `data.readers`), plus `classes.txt` (one class name per line,
+line i = id i). Each map holds label ids (grey, 16-bit, or palette indices as ScribbleSup's
+PASCAL VOC scribbles do; a grey-only palette is read by grey level) whose unlabelled pixels carry
+an ignore id (255 unless told otherwise). In memory the ignore id is always `IGNORE_INDEX` (255),
+whatever the file used. Scribbles are written as palette PNGs.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sparseseg.data.dataset import IGNORE_INDEX, default_palette, read_label_map
+from sparseseg.data.dataset import IGNORE_INDEX, default_palette
+from sparseseg.data.readers import FolderIndex, read_mask
 from sparseseg.errors import SparsesegError
 from sparseseg.io import atomic_write, atomic_write_text
 
@@ -24,10 +26,10 @@ CLASSES_FILE = "classes.txt"
 
 
 def read_scribble_map(path: str | Path, ignore_id: int = IGNORE_INDEX, num_classes: int | None = None) -> np.ndarray:
-    """Reads one scribble PNG as an (H, W) uint8 array with 255 on unlabelled pixels.
+    """Reads one scribble map as an (H, W) uint8 array with 255 on unlabelled pixels.
 
     Args:
-        path: a grey or palette PNG of label ids.
+        path: a grey, 16-bit or palette file of label ids (any format `data.readers.read_mask` reads).
         ignore_id: the id that marks unlabelled pixels in this file (ScribbleSup: 255).
         num_classes: when given, every other id must be below it.
 
@@ -35,7 +37,7 @@ def read_scribble_map(path: str | Path, ignore_id: int = IGNORE_INDEX, num_class
         SparsesegError: unreadable file, colour (RGB) image, or an id out of range.
     """
     path = Path(path)
-    raw = read_label_map(path).astype(np.int64)
+    raw = read_mask(path).astype(np.int64)
     unlabelled = raw == ignore_id
     ids = raw[~unlabelled]
     limit = num_classes if num_classes is not None else IGNORE_INDEX
@@ -104,7 +106,7 @@ def load_scribbles(
     Nearest-neighbour resizing keeps ids intact but can break thin strokes when shrinking a lot.
 
     Args:
-        folder: a scribble folder (`<stem>.png` per image).
+        folder: a scribble folder (`<stem>.<readable suffix>` per image).
         names: image stems, in the order wanted.
         size: output side.
         ignore_id: the files' unlabelled id.
@@ -119,12 +121,17 @@ def load_scribbles(
     folder = Path(folder)
     if not folder.is_dir():
         raise SparsesegError(f"{folder}: scribble folder not found")
+    index = FolderIndex.of(folder, "scribble map")
+    for name in names:
+        if name not in index.readable:
+            skipped = ", ".join(p.name for p in index.other.get(name, []))
+            note = f"; skipped {skipped} (not a format Pillow opens)" if skipped else ""
+            raise SparsesegError(f"{folder / name}.png: scribble map missing for image {name} (no {name}.* that "
+                                 f"Pillow reads{note})")
+    paths = index.find_all({name: (name, None) for name in names})
     out = np.empty((len(names), size, size), dtype=np.uint8)
     for i, name in enumerate(names):
-        path = folder / f"{name}.png"
-        if not path.is_file():
-            raise SparsesegError(f"{path}: scribble map missing for image {name}")
-        arr = read_scribble_map(path, ignore_id, num_classes)
+        arr = read_scribble_map(paths[name], ignore_id, num_classes)
         if arr.shape != (size, size):
             arr = np.asarray(Image.fromarray(arr).resize((size, size), Image.NEAREST))
         out[i] = arr
