@@ -359,4 +359,7 @@ class FolderIndex:
             near = sorted(p.name for ps in self.readable.values() for p in ps if p.stem.startswith(stem))[:3]
             if near:
                 text += f"; files starting with {stem!r}: {', '.join(near)}"
+            else:
+                some = sorted(p.name for ps in self.readable.values() for p in ps)[:2]
+                text += f"; the folder holds e.g. {', '.join(some)}" if some else "; the folder holds no readable file"
         return text + (f"; {self.hint}" if self.hint else "")
