@@ -19,9 +19,15 @@ from sparseseg.errors import SparsesegError
 def load_noise(path: Path, size: int) -> torch.Tensor:
     """A (1, 3, S, S) float32 noise tensor from a .npy file, checked against the image size."""
     try:
-        noise = torch.from_numpy(np.load(path)).float()
-    except (OSError, ValueError) as exc:
-        raise SparsesegError(f"{path}: cannot read noise array ({exc})") from None
+        array = np.load(path)
+    except (OSError, ValueError, EOFError) as exc:
+        raise SparsesegError(f"{path}: cannot read noise array ({' '.join(str(exc).split())})") from None
+    if array.dtype.kind not in "fiu":  # bool, complex, strings, objects: not a noise sample
+        raise SparsesegError(f"{path}: noise array has dtype {array.dtype}; expected real numbers (float32)")
+    with np.errstate(over="ignore", invalid="ignore"):  # values beyond float32 become inf, refused below
+        noise = torch.from_numpy(array.astype(np.float32))
+    if not torch.isfinite(noise).all():
+        raise SparsesegError(f"{path}: noise array holds NaN or infinite values (or values beyond float32)")
     if noise.dim() == 3:
         noise = noise[None]
     if tuple(noise.shape) != (1, 3, size, size):
@@ -86,4 +92,8 @@ def image_features(
     for info, fmap in zip(model.feature_info, model.extract(x0, noise), strict=True):
         key = f"block{info.block}_t{info.timestep}" if info.timestep >= 0 else f"stage{info.block}"
         arrays[key] = fmap.cpu().numpy()
+    for key, array in arrays.items():
+        if not np.isfinite(array).all():  # damaged weights give NaN features that would train on silently
+            raise SparsesegError(f"{checkpoint or backbone}: features {key} of {image} hold NaN or infinite values; "
+                                 "is the checkpoint damaged?")
     return arrays

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from sparseseg.backbones.base import FeatureBackbone
 from sparseseg.config import FeatureConfig
 from sparseseg.data.dataset import images_to_model_input
+from sparseseg.errors import SparsesegError
 from sparseseg.seeding import derived_generator
 
 DETERMINISTIC = 0
@@ -121,6 +122,9 @@ class FeatureStore:
         images = self._model_input([i for i, _ in pairs]).to(self.device)
         noise = torch.stack([self._noise(i, s) for i, s in pairs]).to(self.device)
         maps = [m.to(self.map_dtype) for m in self.backbone.extract(images, noise)]
+        if not all(bool(torch.isfinite(m).all()) for m in maps):  # damaged weights, or beyond map_dtype's range
+            raise SparsesegError(f"backbone features of {self.split} image(s) {sorted({i for i, _ in pairs})} hold NaN "
+                                 f"or infinite values (kept as {self.map_dtype}); is the checkpoint damaged?")
         return [[m[j] for m in maps] for j in range(len(pairs))]
 
     def maps(self, pairs: Sequence[tuple[int, int]]) -> list[list[torch.Tensor]]:
