@@ -91,7 +91,7 @@ def _warn(values: ValueMap, labelled: int, void: int, per_class: np.ndarray | No
         warnings.warn(
             f"void (mask value(s) {show_values(values.void_values(), values.colours)}) covers "
             f"{100 * void / labelled:.0f}% of the labelled pixels; if that value is a class (e.g. the larger "
-            "class of a binary mask), map it to a class with --map instead of --void-id",
+            "class of a binary mask), map it to that class (--map VALUE=NAME) instead of to void",
             SparsesegWarning, stacklevel=3)
     if per_class is not None:
         absent = [c for c, n in zip(values.classes, per_class.tolist(), strict=True) if n == 0]
