@@ -371,7 +371,7 @@ def test_features_of_a_checkpoint_with_nan_weights_are_refused(tmp_path):
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A labelling project after its first query round, and a truthful export in each format."""
-    from sparseseg.annotate.project import init_project
+    from sparseseg.annotate.init import init_project
     from sparseseg.data.synthetic import SYNTHETIC_CLASSES, make_synthetic
     from tests.conftest import save_tiny_adm
 
@@ -400,7 +400,7 @@ def _exports(root: Path) -> dict[str, str]:
     """Truthful answers in the three formats, made from the round's own export files."""
     import xml.etree.ElementTree as ET
 
-    from sparseseg.annotate.project import round_dir
+    from sparseseg.annotate.layout import round_dir
     from sparseseg.data.synthetic import SYNTHETIC_CLASSES
 
     rd = round_dir(root, 1)
