@@ -463,6 +463,72 @@ def test_concurrent_imports_neither_corrupt_nor_duplicate(world, project, tmp_pa
     assert sum("already imported" in out for out, _ in outputs) == 1
 
 
+def _holding(args: list[str], pause: float, marker: str, timeout: float = 120) -> subprocess.Popen:
+    """Start a command with the row-pause hook and return once `marker` is on its stderr: it then holds the
+    write lock for about `pause` seconds per remaining row."""
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=_env(pause), text=True)
+    deadline = time.monotonic() + timeout
+    for line in proc.stderr:
+        if marker in line:
+            return proc
+        assert time.monotonic() < deadline, line
+    proc.kill()
+    pytest.fail(f"never reached {marker!r}: {proc.communicate()}")
+
+
+WAITING = "another sparseseg command is writing to this project; waiting for it"
+
+
+def test_a_second_import_waits_with_a_message_and_adds_nothing_twice(world, project, tmp_path):
+    root = project.root
+    project.close()
+    qs = queries(project)
+    a = tmp_path / "a.csv"
+    a.write_text("query_id,class\n" + "".join(f"{q['query_id']},road\n" for q in qs[:3]))
+    b = tmp_path / "b.csv"
+    b.write_text("query_id,class\n" + "".join(f"{q['query_id']},road\n" for q in qs[1:]))
+    first = _holding(_command("import", str(root), str(a)), 1.5, "sparseseg-test answer row 0")  # holds ~3 s more
+    second = subprocess.run(_command("import", str(root), str(b)), capture_output=True, text=True, env=_env(None),
+                            timeout=180)
+    out_first, err_first = first.communicate(timeout=180)
+    assert first.returncode == 0 and second.returncode == 0, (err_first, second.stderr)
+    assert WAITING in second.stderr and "Traceback" not in second.stderr
+    assert "3 new answers" in out_first and "1 new answer" in second.stdout, (out_first, second.stdout)
+    conn = sqlite3.connect(root / DB_FILE)
+    assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert conn.execute("SELECT COUNT(*), COUNT(DISTINCT query_id) FROM answers").fetchone() == (4, 4)
+    conn.close()
+
+
+def test_a_query_during_an_import_waits_then_refuses_a_stale_selection(world, project, tmp_path):
+    root = project.root
+    project.close()
+    export = write_json(tmp_path / "ls.json", label_studio_export(project, 1, truthful(world)))
+    importing = _holding(_command("import", str(root), str(export)), 1.5, "sparseseg-test answer row 0")
+    query = subprocess.run(_command("query", str(root), "--force"), capture_output=True, text=True,
+                           env=_env(None), timeout=300)
+    out, err = importing.communicate(timeout=180)
+    assert importing.returncode == 0 and "4 new answers" in out, (out, err)
+    # The query selected on the state before the import; it may not record that selection.
+    if query.returncode == 0:  # it only got to its snapshot after the import had committed
+        assert "round 2" in query.stdout
+    else:
+        assert query.returncode == 2 and "Traceback" not in query.stderr, query.stderr
+        assert "changed while the pixels were being selected" in query.stderr, query.stderr
+        rerun = subprocess.run(_command("query", str(root)), capture_output=True, text=True, env=_env(None),
+                               timeout=300)
+        assert rerun.returncode == 0 and "round 2" in rerun.stdout, rerun.stderr
+    proj = Project(root)
+    assert len(stored(proj)) == 4
+    conn = sqlite3.connect(root / DB_FILE)
+    assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert conn.execute("SELECT COUNT(*), COUNT(DISTINCT image_id || ',' || y || ',' || x) FROM queries").fetchone() \
+        == (4 + proj.config.budget, 4 + proj.config.budget)
+    assert [r[0] for r in conn.execute("SELECT round FROM rounds ORDER BY round")] == [1, 2]
+    conn.close()
+    proj.close()
+
+
 # ---------------------------------------------------------------------------- predict, status, CLI
 def test_predict_writes_palette_masks_and_confidence(world, project, tmp_path):
     with pytest.raises(SparsesegError, match="no answer to train on yet"):

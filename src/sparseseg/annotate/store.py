@@ -33,6 +33,7 @@ from sparseseg.errors import SparsesegError
 DB_FILE = "annotations.sqlite"
 SCHEMA_VERSION = 2
 BUSY_TIMEOUT_S = 60.0
+BUSY_FIRST_TRY_S = 0.5  # after this long on a held lock, a command says that it is waiting
 # Test hook: seconds to sleep after each row written inside a transaction (announced on stderr),
 # so a test can kill a command in the middle of one. Unset in normal use.
 PAUSE_ENV = "SPARSESEG_TEST_PAUSE_ROWS"
@@ -288,10 +289,25 @@ class AnnotationStore:
         self.conn.close()
 
     # ------------------------------------------------------------------ transactions
+    def _begin(self, begin: str) -> None:
+        """BEGIN; when another command holds the lock, say so on stderr once, then wait up to BUSY_TIMEOUT_S."""
+        self.conn.execute(f"PRAGMA busy_timeout = {int(1000 * BUSY_FIRST_TRY_S)}")
+        try:
+            self.conn.execute(begin)
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            print(f"{self.path}: another sparseseg command is writing to this project; waiting for it "
+                  f"(up to {BUSY_TIMEOUT_S:.0f} s)", file=sys.stderr, flush=True)
+        finally:
+            self.conn.execute(f"PRAGMA busy_timeout = {int(1000 * BUSY_TIMEOUT_S)}")
+        self.conn.execute(begin)
+
     @contextmanager
     def _transaction(self, begin: str) -> Iterator[sqlite3.Connection]:
         try:
-            self.conn.execute(begin)
+            self._begin(begin)
         except sqlite3.OperationalError as exc:
             raise SparsesegError(
                 f"{self.path}: database busy for {BUSY_TIMEOUT_S:.0f} s ({exc}); another sparseseg command "
