@@ -14,6 +14,8 @@ The checkpoint is a dict that `load_adm` reads:
 from __future__ import annotations
 
 import copy
+import itertools
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from sparseseg.backbones.diffusion import NoiseSchedule
 from sparseseg.data.dataset import images_to_model_input
 from sparseseg.errors import SparsesegError
 from sparseseg.io import atomic_write
+from sparseseg.seeding import derived_seed
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 LOSS_EVERY = 10
@@ -55,6 +58,19 @@ def save_sample_grid(samples: torch.Tensor, path: Path) -> None:
         r, c = divmod(i, cols)
         grid[r * (s + 2) + 1 : r * (s + 2) + 1 + s, c * (s + 2) + 1 : c * (s + 2) + 1 + s] = img
     atomic_write(path, lambda p: Image.fromarray(grid).save(p, format="PNG"))
+
+
+def _interned(obj):
+    """`obj` with every string interned, so that pickle's memo (keyed by object identity) and hence the
+    checkpoint's bytes depend on the values alone: a resumed run's state holds strings read back from
+    its checkpoint where an uninterrupted one holds the originals."""
+    if isinstance(obj, str):
+        return sys.intern(obj)
+    if isinstance(obj, dict):
+        return {_interned(k): _interned(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_interned(v) for v in obj)
+    return obj
 
 
 def pretrain_flags(channels: int) -> ADMFlags:
@@ -160,15 +176,17 @@ def train_steps(
     checkpoint_every: int,
     device: torch.device,
     progress: Callable[[int, int, float], None] | None = None,
+    window: list[float] | None = None,
 ) -> None:
     """The optimisation loop shared by the diffusion trainers: from `step` to `steps`.
 
     Each step computes `batch_loss()` (under bf16 autocast on CUDA), takes an optimiser step and
     an EMA step (none when `ema` is None), appends the mean loss of every LOSS_EVERY steps to `losses`, and calls
-    `save(step)` every `checkpoint_every` steps and at the end.
+    `save(step)` every `checkpoint_every` steps and at the end. `window` holds the losses since the last
+    LOSS_EVERY step; a caller that saves it with its checkpoint resumes the same loss curve.
     """
     model.train()
-    window: list[float] = []
+    window = [] if window is None else window
     while step < steps:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = batch_loss()
@@ -257,9 +275,9 @@ def pretrain_adm(
     CUDA. The EMA decay is warmed up as min(ema_decay, (1 + step) / (10 + step)) so that a short
     run's EMA is not dominated by the random initial weights.
 
-    Resuming restores the weights, EMA, optimizer, step and loss history, but the random stream
-    restarts from a seed derived from (seed, step): a resumed run is reproducible but does not
-    draw the same batches as an uninterrupted one.
+    Resuming restores the weights, EMA, optimizer, step and loss history; every step's batch, flips,
+    timesteps and noise are drawn from a generator seeded by (seed, step), so a resumed run ends with
+    the same checkpoint, byte for byte, as one that was never interrupted.
 
     Args:
         images_dir: folder of training images (see `load_image_folder`); held in memory as uint8.
@@ -299,8 +317,9 @@ def pretrain_adm(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = ADMUNet(flags).to(device)
-    ema, opt, step, losses, gen = training_state(model, lr, seed,
-                                                 _read_run(out, flags, size) if resume and out.exists() else None)
+    resumed = _read_run(out, flags, size) if resume and out.exists() else None
+    ema, opt, step, losses, gen = training_state(model, lr, seed, resumed)
+    window = [float(v) for v in resumed.get("loss_window", [])] if resumed is not None else []
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def save(step: int) -> None:
@@ -314,8 +333,9 @@ def pretrain_adm(
             "step": step,
             "seed": seed,
             "losses": losses,
+            "loss_window": list(window),  # losses since the last LOSS_EVERY step, for an exact resume
         }
-        atomic_write(out, lambda p: torch.save(state, p))
+        atomic_write(out, lambda p: torch.save(_interned(state), p))
         write_losses_csv(out.with_name(out.name + ".losses.csv"), losses)
         if samples > 0:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -323,13 +343,19 @@ def pretrain_adm(
                                             generator=torch.Generator().manual_seed(seed), device=device)
             save_sample_grid(grid, out.with_name(out.name + ".samples.png"))
 
-    # 2. Train.
+    # 2. Train. batch_loss runs once per step, so counting its calls gives the step it draws for.
+    drawing = itertools.count(step)
+
     def batch_loss() -> torch.Tensor:
+        gen.manual_seed(derived_seed(seed, "pretrain", next(drawing)))
         idx = torch.randint(len(data), (batch_size,), generator=gen)
         x0 = images_to_model_input(data[idx].permute(0, 2, 3, 1))
         flip = torch.rand(batch_size, generator=gen) < 0.5
         x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0).to(device)
         return schedule.training_loss(model, x0, generator=gen)
 
-    train_steps(model, ema, opt, step, steps, batch_loss, save, losses, ema_decay, checkpoint_every, device, progress)
+    train_steps(model, ema, opt, step, steps, batch_loss, save, losses, ema_decay, checkpoint_every, device, progress,
+                window)
+    if step >= steps:  # already finished: a run killed after its last checkpoint may lack the files beside it
+        save(step)
     return out
