@@ -267,6 +267,13 @@ class Project:
                 another command changed the project while the pixels were being selected.
         """
         snap = self.store.snapshot()
+        if snap.rounds and not self._round_exported(snap.rounds[-1].round):
+            # A query killed after recording its round but before writing the round's files: finish that one,
+            # so that running the command again ends as if it had never stopped.
+            last = snap.rounds[-1]
+            files = self.export_round(last.round)
+            count = sum(q.round == last.round for q in snap.queries)
+            return QueryResult(last.round, count, bool(last.info.get("coverage_only")), files)
         pending = snap.pending()
         if pending and not force:
             rounds = ", ".join(str(r) for r in sorted({q.round for q in pending}))
@@ -303,6 +310,13 @@ class Project:
             known = ", ".join(str(r.round) for r in snap.rounds) or "none yet"
             raise SparsesegError(f"{self.root}: round {round} has no queries (rounds: {known})")
         return queries
+
+    def _round_exported(self, round: int) -> bool:
+        """Whether every file `export_round` writes for `round` is there."""
+        out = round_dir(self.root, round)
+        images = {q.image for q in self.round_queries(round)}
+        return (all((out / name).is_file() for name in ("tasks.json", "label_config.xml", "cvat.xml", "queries.csv"))
+                and all((out / "review" / f"{name}.png").is_file() for name in images))
 
     def export_round(self, round: int) -> list[Path]:
         """Write (again) round `round`'s files from the database; returns their paths."""
