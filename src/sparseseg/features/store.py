@@ -9,8 +9,10 @@ we sample only the pixels we need: a few hundred bytes each instead of H*W*D flo
 
 Noise: sample 0 is the deterministic sample used for training, evaluation and herding; samples
 1..M are the eDALD/DALD noise samples and M+1 is the independent z(0). Each (seed, split, image,
-sample) gets its own Gaussian noise from a generator seeded by a hash of those four values, so a
-feature never depends on the order in which images are visited, and caching is only a speed-up.
+sample) gets its own Gaussian noise from a generator seeded by a hash of those four values, and
+the backbone sees one image per call (its numerics do not depend on a batch), so a feature never
+depends on the order in which images are visited or on what the cache held: caching is only a
+speed-up, and a resumed run ends identical to an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ class FeatureStore:
         seed: run seed (fixes every noise sample).
         split: split name, part of the noise seed so train and test noises differ.
         cache_gb: budget of the in-memory caches (native maps and remembered pixel features).
-        batch_size: images per backbone call.
+        batch_size: images per request group (the backbone itself sees one image per call).
         device: where the backbone runs.
         map_dtype: precision native maps are kept in. Maps are ALWAYS rounded to it, cached or not,
             so a feature never depends on whether the cache had room (float16 halves the cache).
@@ -121,14 +123,18 @@ class FeatureStore:
     def _compute(self, pairs: Sequence[tuple[int, int]]) -> list[list[torch.Tensor]]:
         images = self._model_input([i for i, _ in pairs]).to(self.device)
         noise = torch.stack([self._noise(i, s) for i, s in pairs]).to(self.device)
-        maps = [m.to(self.map_dtype) for m in self.backbone.extract(images, noise)]
+        # One image per backbone call: a convolution's last bits depend on the batch it runs in, and which
+        # images share a batch depends on the cache and the request, so batched maps would not be the same
+        # on every call (a resumed run would end differently from an uninterrupted one).
+        per_image = [self.backbone.extract(images[j : j + 1], noise[j : j + 1]) for j in range(len(pairs))]
+        maps = [torch.cat(parts).to(self.map_dtype) for parts in zip(*per_image, strict=True)]
         if not all(bool(torch.isfinite(m).all()) for m in maps):  # damaged weights, or beyond map_dtype's range
             raise SparsesegError(f"backbone features of {self.split} image(s) {sorted({i for i, _ in pairs})} hold NaN "
                                  f"or infinite values (kept as {self.map_dtype}); is the checkpoint damaged?")
         return [[m[j] for m in maps] for j in range(len(pairs))]
 
     def maps(self, pairs: Sequence[tuple[int, int]]) -> list[list[torch.Tensor]]:
-        """Native maps for each (image, sample) pair, computed in batches, cached while room lasts."""
+        """Native maps for each (image, sample) pair, requested in groups of `batch_size`, cached while room lasts."""
         out: dict[tuple[int, int], list[torch.Tensor]] = {}
         todo = [p for p in dict.fromkeys(pairs) if p not in self._cache]
         for start in range(0, len(todo), self.batch_size):
@@ -242,7 +248,7 @@ def build_stores(
         splits: split name -> (N, S, S, 3) uint8 images; the name seeds the split's noise.
         seed: run seed.
         config: the `features` settings.
-        batch_size: images per backbone call.
+        batch_size: images per request group (the backbone itself sees one image per call).
         device: where the backbone runs.
         evaluation: names among `splits` that are only evaluated on.
         pixel_cache_limit: see FeatureStore (0 when every pixel is read once).
