@@ -26,12 +26,12 @@ class ToyBackbone:
     """A fixed random conv net with maps at reductions 1, 2 and 4: enough to test the feature
     plumbing independently of the ADM. The noise is added to the image, so samples differ."""
 
-    def __init__(self, input_size: int = 16, seed: int = 0) -> None:
+    def __init__(self, input_size: int = 16, seed: int = 0, channels: tuple[int, int, int] = (5, 3, 4)) -> None:
         torch.manual_seed(seed)
         self.input_size = input_size
-        self.convs = nn.ModuleList([nn.Conv2d(3, c, 3, padding=1) for c in (5, 3, 4)])
+        self.convs = nn.ModuleList([nn.Conv2d(3, c, 3, padding=1) for c in channels])
         self.feature_info = [FeatureInfo(num_chs=c, reduction=r, block=i, timestep=-1)
-                             for i, (c, r) in enumerate(zip((5, 3, 4), (1, 2, 4), strict=True))]
+                             for i, (c, r) in enumerate(zip(channels, (1, 2, 4), strict=True))]
 
     @torch.no_grad()
     def extract(self, images: torch.Tensor, noise: torch.Tensor | None) -> list[torch.Tensor]:
