@@ -39,7 +39,8 @@ def prepare_folder_cmd(
     masks: Annotated[Path | None, typer.Option(
         help="Folder of masks (any format Pillow reads), for every split without its own --<split>-masks.")] = None,
     classes: Annotated[Path | None, typer.Option(
-        help="Classes file: 'name [r g b] [= value,...]' per line; without values line i = mask value i.")] = None,
+        help="Classes file: 'name r g b = value,...' per line (colour and values optional); without values, line i "
+             "is mask value i.")] = None,
     map_: Annotated[str | None, typer.Option("--map", help=(
         "Mask value -> class: '0=background,255=vessel' (values: integers or #rrggbb colours; NAME=void for "
         "unlabelled). Names the classes when --classes is not given."))] = None,
