@@ -479,7 +479,7 @@ def _holding(args: list[str], pause: float, marker: str, timeout: float = 120) -
 WAITING = "another sparseseg command is writing to this project; waiting for it"
 
 
-def test_a_second_import_waits_with_a_message_and_adds_nothing_twice(world, project, tmp_path):
+def test_imports_that_find_the_lock_held_wait_with_a_message_and_add_nothing_twice(world, project, tmp_path):
     root = project.root
     project.close()
     qs = queries(project)
@@ -487,13 +487,28 @@ def test_a_second_import_waits_with_a_message_and_adds_nothing_twice(world, proj
     a.write_text("query_id,class\n" + "".join(f"{q['query_id']},road\n" for q in qs[:3]))
     b = tmp_path / "b.csv"
     b.write_text("query_id,class\n" + "".join(f"{q['query_id']},road\n" for q in qs[1:]))
-    first = _holding(_command("import", str(root), str(a)), 1.5, "sparseseg-test answer row 0")  # holds ~3 s more
-    second = subprocess.run(_command("import", str(root), str(b)), capture_output=True, text=True, env=_env(None),
-                            timeout=180)
-    out_first, err_first = first.communicate(timeout=180)
-    assert first.returncode == 0 and second.returncode == 0, (err_first, second.stderr)
-    assert WAITING in second.stderr and "Traceback" not in second.stderr
-    assert "3 new answers" in out_first and "1 new answer" in second.stdout, (out_first, second.stdout)
+    # The test holds the write lock itself, so both imports find it held however slowly they start.
+    holder = sqlite3.connect(root / DB_FILE, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    procs = [subprocess.Popen(_command("import", str(root), str(f)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=_env(None), text=True) for f in (a, b)]
+    def until_waiting(proc: subprocess.Popen) -> str:  # blocks until that import reports its wait (or ends)
+        seen = ""
+        for line in proc.stderr:
+            seen += line
+            if WAITING in line:
+                break
+        return seen
+
+    before = [until_waiting(p) for p in procs]
+    holder.execute("ROLLBACK")
+    holder.close()
+    outputs = [p.communicate(timeout=180) for p in procs]
+    assert all(WAITING in text for text in before), before
+    assert all(p.returncode == 0 for p in procs), outputs
+    assert all("Traceback" not in err for _, err in outputs)
+    # whichever went first stored 3 answers, the other the one left (its others were unchanged)
+    assert sorted(int(re.search(r"(\d+) new answers", out).group(1)) for out, _ in outputs) == [1, 3], outputs
     conn = sqlite3.connect(root / DB_FILE)
     assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     assert conn.execute("SELECT COUNT(*), COUNT(DISTINCT query_id) FROM answers").fetchone() == (4, 4)
