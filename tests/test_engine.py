@@ -19,7 +19,7 @@ SIZE = 16
 
 def _engine(monkeypatch, *sets):
     monkeypatch.setattr("sparseseg.loop.engine.build_backbone", lambda cfg, device, default_size: ToyBackbone(SIZE))
-    cfg = load_config(None, ["data=unused", "backbone.name=efficientnet_lite0", "head.epochs=5", *sets])
+    cfg = load_config(None, ["data=unused", "backbone.name=efficientnet_lite0", "head.epochs=5", "head.dropout=0", *sets])
     return Engine(cfg, ["a", "b", "c"], default_size=SIZE)
 
 
