@@ -18,7 +18,7 @@ Importing a command module registers its commands on `app`; the order below is t
 from sparseseg.cli.app import app
 
 # isort: off
-from sparseseg.cli import prepare, backbone, experiment, compare, scribbles, scribblegen, annotate, labelstudio  # noqa: F401
+from sparseseg.cli import prepare, backbone, experiment, compare, scribbles, scribblegen, annotate, labelstudio, report  # noqa: F401
 # isort: on
 
 __all__ = ["app"]

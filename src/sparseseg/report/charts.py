@@ -46,7 +46,7 @@ def _ticks(low: float, high: float, count: int = 5) -> list[float]:
     step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= step)
     first = math.floor(low / step) * step
     ticks, t = [], first
-    while t <= high + 1e-9 * step:
+    while not ticks or ticks[-1] < high - 1e-9 * step:  # the last tick at or above `high`
         ticks.append(round(t, 10))
         t += step
     return ticks
@@ -59,8 +59,8 @@ def _fmt(value: float) -> str:
 def line_chart(chart: Chart) -> str:
     """The chart as an <svg> element: axes with ticks, one polyline (and band) per series, a legend."""
     values = [y for s in chart.series for y in s.ys if y is not None and not math.isnan(y)]
-    bands = [y + b for s in chart.series if s.band for y, b in zip(s.ys, s.band, strict=True)
-             if y is not None and b is not None and not math.isnan(y)]
+    bands = [y + sign * b for s in chart.series if s.band for y, b in zip(s.ys, s.band, strict=True)
+             if y is not None and b is not None and not math.isnan(y) for sign in (1, -1)]
     xs = [x for s in chart.series for x in s.xs]
     left, right, top, bottom = 56, 16, 28, 44
     legend_h = 16 * len(chart.series)
@@ -73,7 +73,7 @@ def line_chart(chart: Chart) -> str:
     if not values or not xs:
         out.append(f'<text x="{w / 2}" y="{chart.height / 2}" text-anchor="middle">no values yet</text></svg>')
         return "".join(out)
-    y_ticks = _ticks(min(values + [0.0]), max(values + bands))
+    y_ticks = _ticks(min(values + bands + [0.0]), max(values + bands))
     x_low, x_high = min(xs), max(xs)
     x_high = x_high if x_high > x_low else x_low + 1
     y_low, y_high = y_ticks[0], y_ticks[-1]

@@ -130,7 +130,7 @@ def markdown_html(text: str) -> str:
             flush()
         elif line.startswith("#"):
             flush()
-            level = min(len(line) - len(line.lstrip("#")) + 1, 4)  # the page's h1 is the report title
+            level = min(len(line) - len(line.lstrip("#")) + 2, 5)  # under the page's h1 and the section's h2
             out.append(f"<h{level}>{_inline(line.lstrip('#').strip())}</h{level}>")
         else:
             if rows:
