@@ -49,7 +49,7 @@ def with_markers(rgb: np.ndarray, markers: Sequence[Marker], palette: Sequence[S
     scale = _scale(rgb.shape[0])
     picture = upscale(rgb)
     draw = ImageDraw.Draw(picture)
-    r = max(4.0, 1.6 * scale)
+    r = max(5.0, 1.6 * scale)
     for m in markers:
         cx, cy = (m.x + 0.5) * scale, (m.y + 0.5) * scale
         box = [cx - r, cy - r, cx + r, cy + r]

@@ -14,8 +14,9 @@ The kind is read from the token itself: a JWT has three base64url parts and says
 its payload. The token is never written anywhere: commands take it from `--token` or from the
 environment variable TOKEN_ENV.
 
-Why not label-studio-sdk: version 2.1.2 pins numpy below our numpy 2.4 and pulls pandas, OpenCV,
-NLTK and black; the dozen endpoints used here are plain JSON over HTTP.
+Why not label-studio-sdk: version 2.1.2 would take numpy down from our 2.4.6 to 2.2.6 (its
+opencv-python-headless needs numpy < 2.3) and pulls pandas, OpenCV, NLTK and black; the dozen
+endpoints used here are plain JSON over HTTP.
 """
 
 from __future__ import annotations
