@@ -60,7 +60,7 @@ def label_studio_config(classes: Sequence[str], palette: Sequence[Sequence[int]]
         ET.SubElement(control, "Label", value=name, background=hex_colour(colour))
     ET.SubElement(control, "Label", value=SKIP_LABEL, background=SKIP_COLOUR)
     if masks:
-        brush = ET.SubElement(view, "BrushLabels", name=MASK_NAME, toName=TO_NAME, opacity="0.35")
+        brush = ET.SubElement(view, "BrushLabels", name=MASK_NAME, toName=TO_NAME)
         for name, colour in zip(classes, palette, strict=True):
             ET.SubElement(brush, "Label", value=name, background=hex_colour(colour))
     ET.indent(view, space="  ")
