@@ -289,3 +289,27 @@ def test_a_version_2_database_gains_the_label_studio_tables_in_place(tmp_path):
     after = list(conn.iterdump())
     conn.close()
     assert set(before) <= set(after) and revision == "0"  # a link changes no query or answer
+
+
+def test_commands_before_connect_or_without_a_token_are_one_line(tmp_path, monkeypatch):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from sparseseg.annotate.init import init_project
+    from sparseseg.cli import app
+
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "a.png")
+    (tmp_path / "classes.txt").write_text("sky\n")
+    init_project(tmp_path / "p", tmp_path / "imgs", tmp_path / "classes.txt", size=8,
+                 overrides=["backbone.name=efficientnet_lite0"]).close()
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    runner = CliRunner()
+    for args, message in [
+        (["push", str(tmp_path / "p"), "--token", "x"], "not connected to Label Studio; run `sparseseg labelstudio connect"),
+        (["pull", str(tmp_path / "p"), "--url", "http://127.0.0.1:9"], f"pass --token or set {TOKEN_ENV}"),
+        (["connect", str(tmp_path / "p"), "--url", "http://127.0.0.1:9", "--token", LEGACY],
+         "cannot reach Label Studio at http://127.0.0.1:9"),
+    ]:
+        result = runner.invoke(app, ["labelstudio", *args])
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
