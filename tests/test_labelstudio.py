@@ -66,6 +66,10 @@ class Server:
             "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(document_root),
             "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",  # no open sign-up on this server
             "LABEL_STUDIO_LATEST_VERSION_CHECK": "false",  # no call to the package index at start
+            # The key that signs personal access tokens. Left unset, Label Studio writes a random one to
+            # its data folder's .env, and one that starts with '$' reads back empty at the next start
+            # (django-environ takes it for a reference): a new key, and every token refused after a restart.
+            "SECRET_KEY": secrets.token_hex(32),
         })
         self.log = root / "label-studio.log"
         self.starts = 0

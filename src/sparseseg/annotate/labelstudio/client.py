@@ -114,7 +114,8 @@ class LabelStudio:
             raise self._unreachable(exc) from None
         if resp.status_code in (400, 401, 403):
             raise SparsesegError(f"{self.url}: the personal access token was refused (HTTP {resp.status_code}: "
-                                 f"{_reason(resp)}); it may be revoked, expired or from another server: make a new one "
+                                 f"{_reason(resp)}); it may be revoked, expired, from another server, or signed "
+                                 "with a SECRET_KEY the server no longer has (docs/annotation.md): make a new one "
                                  "in Account & Settings > Personal Access Token")
         access = self._json(resp, "POST", path).get("access")
         if not isinstance(access, str):
