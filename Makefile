@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint clean labelstudio test-integration
+.PHONY: install demo test lint clean labelstudio test-integration browser
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,20 @@ $(LS_STAMP): requirements-labelstudio.lock
 	touch $(LS_STAMP)
 
 labelstudio: $(LS_STAMP)
+
+# Debian's Chromium and its WebDriver for the report's browser test (tests/test_report.py, part of
+# `make test`, which skips it with the reason when they are absent). Installed only when missing and
+# when we are root (CI is); otherwise it says how and the test skips.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then \
+		echo "chromium and chromedriver present"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+			chromium chromium-driver; \
+	else \
+		echo "chromium not installed and not root: the browser test will skip" \
+			"(sudo apt-get install chromium chromium-driver)"; \
+	fi
 
 demo: $(STAMP)
 	$(BIN)/sparseseg demo --out demo_out

@@ -385,7 +385,7 @@ def test_human_loop_stores_trains_on_and_draws_regions(world, tmp_path):
     assert result.regions == 2 and result.expansion_error is None  # the skipped click is not expanded
     conn = sqlite3.connect(root / DB_FILE)
     rows = conn.execute("SELECT query_id, model, tau, kept, pixels, mask FROM regions ORDER BY query_id").fetchall()
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     conn.close()
     assert [r[0] for r in rows] == [int(q[0]) for q in queries[1:]]
     assert all(r[1] == f"transformers:{world / 'sam'}" and r[2] == 0.0 and r[3] == 1 for r in rows)
@@ -422,6 +422,8 @@ def test_a_version_1_project_database_is_upgraded_in_place(world, tmp_path):
                  backbone={"checkpoint": str(world / "adm.pt")}).close()
     conn = sqlite3.connect(root / DB_FILE)  # make it what version 1 wrote
     conn.execute("DROP TABLE regions")
+    conn.execute("DROP TABLE ls_tasks")  # and what version 3 added (docs/annotation.md)
+    conn.execute("DROP TABLE ls_links")
     conn.execute("PRAGMA user_version = 1")
     conn.commit()
     before = [line for line in conn.iterdump()]
@@ -431,7 +433,7 @@ def test_a_version_1_project_database_is_upgraded_in_place(world, tmp_path):
     assert proj.status()["regions"] == []
     proj.close()
     conn = sqlite3.connect(root / DB_FILE)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     after = list(conn.iterdump())
     conn.close()
     assert set(before) <= set(after) and any("CREATE TABLE regions" in line for line in after)

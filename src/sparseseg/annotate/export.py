@@ -19,6 +19,7 @@ from sparseseg.annotate.importers import QUERY_LABEL, SKIP_LABEL
 
 FROM_NAME = "label"  # the KeyPointLabels control of the labelling config
 TO_NAME = "image"  # its Image object; tasks give the address in data.image
+MASK_NAME = "model"  # the BrushLabels control that shows the head's masks (live Label Studio loop only)
 MODEL_VERSION = "sparseseg"  # pre-placed points are "predictions" of this model version in Label Studio
 SKIP_COLOUR = "#000000"
 QUERY_COLOUR = "#ffffff"
@@ -43,16 +44,25 @@ def _xml_text(root: ET.Element) -> str:
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 
 
-def label_studio_config(classes: Sequence[str], palette: Sequence[Sequence[int]]) -> str:
-    """The labelling config: the image and one KeyPointLabels control with every class and the skip label."""
+def label_studio_config(classes: Sequence[str], palette: Sequence[Sequence[int]], masks: bool = False) -> str:
+    """The labelling config: the image and one KeyPointLabels control with every class and the skip label.
+
+    With `masks`, a BrushLabels control MASK_NAME as well, which shows the current head's masks sent
+    as pre-annotations (`sparseseg labelstudio push`); answers are read from the keypoints only.
+    """
     view = ET.Element("View")
+    hint = " The tinted areas are the model's current guess, for reference only." if masks else ""
     ET.SubElement(view, "Header", value=f"Give every point the class of the pixel under it; '{SKIP_LABEL}' "
-                                        "when you cannot tell. Do not move the points.")
+                                        f"when you cannot tell. Do not move the points.{hint}")
     ET.SubElement(view, "Image", name=TO_NAME, value="$image", zoom="true", zoomControl="true")
     control = ET.SubElement(view, "KeyPointLabels", name=FROM_NAME, toName=TO_NAME, strokeWidth="1")
     for name, colour in zip(classes, palette, strict=True):
         ET.SubElement(control, "Label", value=name, background=hex_colour(colour))
     ET.SubElement(control, "Label", value=SKIP_LABEL, background=SKIP_COLOUR)
+    if masks:
+        brush = ET.SubElement(view, "BrushLabels", name=MASK_NAME, toName=TO_NAME)
+        for name, colour in zip(classes, palette, strict=True):
+            ET.SubElement(brush, "Label", value=name, background=hex_colour(colour))
     ET.indent(view, space="  ")
     return ET.tostring(view, encoding="unicode") + "\n"
 

@@ -402,24 +402,18 @@ class Project:
         Masks are S x S (the working size), or each image's original size with `original_size`
         (nearest for the mask, bilinear for the confidence PNG; the .npy stays S x S).
         """
-        from sparseseg.features.store import DETERMINISTIC
-        from sparseseg.head.mlp import predict_proba
-
         head, _ = self.head(progress=progress)
         if head is None:
             raise SparsesegError(f"{self.root}: no answer to train on yet, so nothing to predict with")
-        _, store = self.engine(progress)
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         palette = [v for rgb in self.meta.palette for v in rgb]
         written = []
         for i, row in enumerate(self.image_rows):
-            tiles = store.image_tiles(i, DETERMINISTIC, self.config.features.tile_pixels)
-            probs = torch.cat([predict_proba(head, t) for t in tiles])
-            top, ids = probs.max(1)
-            mask = Image.fromarray(ids.view(self.size, self.size).numpy().astype(np.uint8), mode="P")
+            ids, top = self.predicted(head, i, progress)
+            mask = Image.fromarray(ids.numpy().astype(np.uint8), mode="P")
             mask.putpalette(palette)
-            conf = top.view(self.size, self.size).numpy().astype(np.float32)
+            conf = top.numpy().astype(np.float32)
             conf_png = Image.fromarray(np.round(conf * 255).astype(np.uint8), mode="L")
             if original_size:
                 mask = mask.resize((row.width, row.height), Image.Resampling.NEAREST)
@@ -433,6 +427,17 @@ class Project:
             if progress:
                 progress("predicting", i + 1, len(self.image_rows))
         return written
+
+    def predicted(self, head: torch.nn.Module, image: int, progress: Progress | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(S, S) predicted class ids and (S, S) top-class probabilities of project image `image`."""
+        from sparseseg.features.store import DETERMINISTIC
+        from sparseseg.head.mlp import predict_proba
+
+        _, store = self.engine(progress)
+        tiles = store.image_tiles(image, DETERMINISTIC, self.config.features.tile_pixels)
+        top, ids = torch.cat([predict_proba(head, t) for t in tiles]).max(1)
+        return ids.view(self.size, self.size), top.view(self.size, self.size)
 
     # ------------------------------------------------------------------ status
     def status(self) -> dict:

@@ -12,7 +12,9 @@ Image ids are the images' positions in sorted name order (the order `load_split`
 class ids are line numbers of the classes file; a skip ("unsure") answer has class_id NULL.
 
 Schema history: version 1 had no `regions` table; version 2 adds it (SAM pixel-to-region expansion,
-docs/expansion.md). A version-1 database is upgraded in place, in one transaction, when opened.
+docs/expansion.md); version 3 adds `ls_links` and `ls_tasks` (the Label Studio project a project is
+connected to, and every task pushed there; annotate/labelstudio/). An older database is upgraded in
+place, all steps in one transaction, when opened; nothing already in it changes.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from pathlib import Path
 from sparseseg.errors import SparsesegError
 
 DB_FILE = "annotations.sqlite"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_S = 60.0
 BUSY_FIRST_TRY_S = 0.5  # after this long on a held lock, a command says that it is waiting
 # Test hook: seconds to sleep after each row written inside a transaction (announced on stderr),
@@ -106,6 +108,26 @@ CREATE TABLE regions (
     created_at TEXT NOT NULL,
     UNIQUE (query_id, model, tau)
 );
+CREATE TABLE ls_links (
+    id         INTEGER PRIMARY KEY,
+    url        TEXT NOT NULL,
+    project    INTEGER NOT NULL,
+    storage    INTEGER,
+    created_at TEXT NOT NULL,
+    current    INTEGER NOT NULL CHECK (current IN (0, 1)),
+    UNIQUE (url, project)
+);
+CREATE UNIQUE INDEX ls_links_one_current ON ls_links (current) WHERE current = 1;
+CREATE TABLE ls_tasks (
+    link_id     INTEGER NOT NULL REFERENCES ls_links (id),
+    task        INTEGER NOT NULL,
+    round       INTEGER NOT NULL REFERENCES rounds (round),
+    image_id    INTEGER NOT NULL REFERENCES images (id),
+    pushed_at   TEXT NOT NULL,
+    predicted   INTEGER NOT NULL CHECK (predicted IN (0, 1)),
+    PRIMARY KEY (link_id, task),
+    UNIQUE (link_id, round, image_id)
+);
 CREATE VIEW labelled_pixels AS
     SELECT q.id AS query_id, i.name AS image, q.y, q.x, a.class_id, c.name AS class,
            a.class_id IS NULL AS skip, q.round, a.source, a.annotator, a.answered_at, a.import_id
@@ -117,8 +139,16 @@ CREATE VIEW labelled_pixels AS
 """
 
 
-# Version 1 -> 2: the regions table (statements of SCHEMA that version 1 lacks).
-MIGRATIONS = {1: [stmt for stmt in SCHEMA.split(";\n") if stmt.strip().startswith("CREATE TABLE regions")]}
+def _statements(*prefixes: str) -> list[str]:
+    """The statements of SCHEMA that start with one of `prefixes` (what an older version lacks)."""
+    return [stmt for stmt in SCHEMA.split(";\n") if stmt.strip().startswith(prefixes)]
+
+
+# Version v -> v + 1: the statements of SCHEMA that version v lacks.
+MIGRATIONS = {
+    1: _statements("CREATE TABLE regions"),
+    2: _statements("CREATE TABLE ls_links", "CREATE UNIQUE INDEX ls_links_one_current", "CREATE TABLE ls_tasks"),
+}
 
 
 def now() -> str:
@@ -193,6 +223,28 @@ class RegionRow:
     kept: bool
     pixels: int  # pixels of the kept mask (0 when not kept)
     mask: bytes | None  # the kept mask as a 1-bit PNG of the project size; None when not kept
+
+
+@dataclass(frozen=True)
+class LabelStudioLink:
+    """The Label Studio project a project is connected to (never its token)."""
+
+    id: int
+    url: str  # the server's base URL
+    project: int  # Label Studio's project id
+    storage: int | None  # its local-files source storage serving our images; None when image_url is elsewhere
+    created_at: str
+
+
+@dataclass(frozen=True)
+class PushedTask:
+    """One Label Studio task made by `sparseseg labelstudio push`: a round's queries on one image."""
+
+    task: int  # Label Studio's task id
+    round: int
+    image_id: int
+    pushed_at: str
+    predicted: bool  # whether the head's mask went with it as a pre-annotation
 
 
 @dataclass
@@ -392,6 +444,17 @@ class AnnotationStore:
                                 "GROUP BY model, tau ORDER BY MIN(id)")
         return [{"model": m, "tau": t, "expanded": n, "kept": k or 0, "pixels": p or 0} for m, t, n, k, p in cur]
 
+    def ls_link(self) -> LabelStudioLink | None:
+        """The current Label Studio link, or None before `sparseseg labelstudio connect`."""
+        row = self.conn.execute("SELECT id, url, project, storage, created_at FROM ls_links WHERE current = 1").fetchone()
+        return None if row is None else LabelStudioLink(*row)
+
+    def ls_tasks(self, link_id: int) -> list[PushedTask]:
+        """Every task pushed to the linked project `link_id`, by round then image."""
+        cur = self.conn.execute("SELECT task, round, image_id, pushed_at, predicted FROM ls_tasks WHERE link_id = ? "
+                                "ORDER BY round, image_id", (link_id,))
+        return [PushedTask(t, r, i, p, bool(d)) for t, r, i, p, d in cur]
+
     def find_import(self, sha256: str) -> tuple[int, str, str] | None:
         """(id, file, time) of an earlier import of a file with these bytes, if any."""
         return self.conn.execute("SELECT id, file, imported_at FROM imports WHERE sha256 = ?", (sha256,)).fetchone()
@@ -466,6 +529,29 @@ class AnnotationStore:
             added += cur.rowcount
             pause_for_tests("region", i)
         return added
+
+    def set_ls_link(self, url: str, project: int, storage: int | None) -> LabelStudioLink:
+        """Make (url, project) the current Label Studio link (an earlier link stays, not current, with its
+        tasks); returns it. Links do not move the revision: they change no query or answer."""
+        assert self.conn.in_transaction, "set_ls_link must run inside write()"
+        self.conn.execute("UPDATE ls_links SET current = 0 WHERE current = 1")
+        row = self.conn.execute("SELECT id FROM ls_links WHERE url = ? AND project = ?", (url, project)).fetchone()
+        if row is None:
+            self.conn.execute("INSERT INTO ls_links (url, project, storage, created_at, current) VALUES (?, ?, ?, ?, 1)",
+                              (url, project, storage, now()))
+        else:
+            self.conn.execute("UPDATE ls_links SET current = 1, storage = ? WHERE id = ?", (storage, row[0]))
+        return self.ls_link()
+
+    def add_ls_task(self, link_id: int, task: int, round: int, image_id: int, predicted: bool) -> None:
+        """Record a task pushed to Label Studio (a round's queries on one image are one task, once)."""
+        assert self.conn.in_transaction, "add_ls_task must run inside write()"
+        try:
+            self.conn.execute("INSERT INTO ls_tasks (link_id, task, round, image_id, pushed_at, predicted) "
+                              "VALUES (?, ?, ?, ?, ?, ?)", (link_id, task, round, image_id, now(), int(predicted)))
+        except sqlite3.IntegrityError:
+            raise SparsesegError(f"{self.path}: round {round} of image id {image_id} (or task {task}) is already "
+                                 "recorded as pushed; nothing was recorded") from None
 
     def _insert_answer(self, answer: NewAnswer, source: str, import_id: int) -> int:
         cur = self.conn.execute(
