@@ -200,21 +200,22 @@ def test_lazy_equals_naive(pool, with_labelled):
 @pytest.mark.parametrize("method", ["lazy", "stochastic"])
 def test_every_method_computes_a_row_at_the_same_slot(monkeypatch, method):
     # A BLAS may give a row other last bits at another position of the product (MKL does for
-    # float64 rows in a tail panel). Simulate one that always does: each kernel row is shifted by
-    # (its position + 1) x 1e-9. Exact ties between duplicated points then become position
-    # dependent, so lazy == naive only if every method evaluates a candidate's row at one position.
+    # float64 rows in a tail panel), or in a product of another shape. Simulate one that always
+    # does: each kernel row is shifted by (its position + 1) x 1e-9 + (rows in the product) x
+    # 1e-8. Exact ties between duplicated points then depend on both, so lazy == naive only if
+    # every method evaluates a candidate's row at one position of one shape.
     real_rbf = kernels.rbf
 
     def positional(a, b, sigma, **kw):
         out = real_rbf(a, b, sigma, **kw)
-        return out + 1e-9 * torch.arange(1, a.shape[0] + 1, dtype=out.dtype)[:, None]
+        return out.add_(1e-9 * torch.arange(1, a.shape[0] + 1, dtype=out.dtype)[:, None] + 1e-8 * a.shape[0])
 
     monkeypatch.setattr(kernels, "rbf", positional)
     seen = []
     for seed in range(3):
         z = _duplicated_pool(seed, n=200, d=8)
         sigma = median_bandwidth(z, generator=torch.Generator().manual_seed(seed))
-        for block_size in (5, 7, 32):
+        for block_size in (5, 7, 32) if method == "stochastic" else (5, 7, 32, None):
             naive = herd(z, 40, sigma, method="naive", block_size=block_size)
             if method == "lazy":
                 assert torch.equal(naive, herd(z, 40, sigma, method="lazy", block_size=block_size)), (seed, block_size)
@@ -251,6 +252,34 @@ def test_lazy_equals_naive_float32_larger_pool():
     naive = herd(z, 150, sigma, labelled=labelled, method="naive")
     lazy = herd(z, 150, sigma, labelled=labelled, method="lazy")
     assert torch.equal(naive, lazy)
+
+
+@pytest.mark.parametrize("pool", sorted(POOLS))
+def test_lazy_equals_naive_in_the_dense_layout(pool):
+    # Default block_size: small pools take the dense layout (the kernel built once in
+    # TILE_ROWS-row products); 2,100 points make three tiles, the last a partial one.
+    for seed, n in ((0, 300), (1, 2100)):
+        z = POOLS[pool](seed, n=n)
+        labelled = torch.cat([z[:5] + 0.01, _random_pool(seed + 100, n=5, d=z.shape[1])])
+        sigma = median_bandwidth(z, generator=torch.Generator().manual_seed(seed))
+        plan = herding_plan(n, 16, 60, itemsize=8)
+        assert plan.dense and plan.rows == min(max_herding_module.TILE_ROWS, -(-n // 32) * 32)
+        for lab in (None, labelled):
+            naive = herd(z, 60, sigma, labelled=lab, method="naive")
+            lazy = herd(z, 60, sigma, labelled=lab, method="lazy")
+            assert torch.equal(naive, lazy), (pool, seed, lab is None)
+
+
+def test_dense_layout_picks_equal_apricot():
+    apricot = pytest.importorskip("apricot")
+    # As test_picks_equal_apricot_facility_location (same tie-free pool), in the dense layout.
+    z = _random_pool(12, n=200, d=8)
+    sigma = median_bandwidth(z)
+    assert herding_plan(200, 8, 30, itemsize=8).dense
+    ours = herd(z, 30, sigma).tolist()
+    kmat = rbf(z, z, sigma).numpy()
+    sel = apricot.FacilityLocationSelection(30, metric="precomputed", optimizer="lazy").fit(kmat)
+    assert [int(i) for i in sel.ranking] == ours
 
 
 def test_picks_equal_apricot_facility_location():
@@ -571,6 +600,53 @@ def test_sharded_herding_under_a_tight_cap():
              for j in herd(z[start:stop], b, sigma, labelled=labelled).tolist()]
     assert sharded >= 0.995 * exact
     assert coverage(z, blind, sigma, labelled=labelled) < sharded - 0.01
+
+
+def test_dense_layout_follows_the_memory_rule():
+    from sparseseg.selection.herding_plan import DEFAULT_STORE_GB
+
+    # A local stage: 10,000 candidates, 0.4 GB of float32 kernel, well inside the default 2 GB.
+    plan = herding_plan(10_000, 512, 50)
+    assert plan.dense and plan.rows == 1024 and plan.gain_rows == 32 and plan.cache_rows == 10_000
+    assert 10_016 * 10_000 * 4 < plan.peak_bytes < 0.45 * GB
+    # "naive" takes the same layout as "lazy" for the same arguments.
+    assert herding_plan(10_000, 512, 50, method="naive").rows == 1024
+    # Past the default store (24,000 points: 2.1 GB of kernel): the row cache, R = 32, with as
+    # many rows as 2 GB holds; "naive" (uncapped) computes its rows the same way.
+    big = herding_plan(24_000, 512, 50)
+    assert not big.dense and big.rows == 32 and big.exact
+    assert big.cache_rows == pytest.approx(DEFAULT_STORE_GB * GB / (24_000 * 4 + 8), rel=0.01)
+    assert herding_plan(24_000, 512, 50, method="naive").rows == 32
+    # A cap decides instead of the default: just above the dense need, dense; just below, not.
+    need = plan.peak_bytes / GB
+    assert herding_plan(10_000, 512, 50, max_memory_gb=need / 0.99 * 1.001).dense
+    below = herding_plan(10_000, 512, 50, max_memory_gb=need * 0.98)
+    assert not below.dense and below.rows == 32 and below.cache_rows < 10_000
+    # An explicit block_size keeps the row-cache layout.
+    assert not herding_plan(500, 8, 5, block_size=4096).dense
+    # Stochastic greedy never holds the kernel.
+    assert not herding_plan(500, 8, 5, method="stochastic").dense
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dense_layout_memory_is_measured(dtype):
+    z = _clustered_pool(3, n=1500, d=24, clusters=10, spread=1.0).to(dtype)
+    labelled = z[:40].float() + 0.05
+    sigma = median_bandwidth(z.float(), generator=torch.Generator().manual_seed(0))
+    convert = 4 if dtype == torch.float16 else 0
+    plan = herding_plan(1500, 24, 80, convert=convert)
+    assert plan.dense
+    with _PeakBytes(z, labelled) as tracker:
+        picks = herd(z, 80, sigma, labelled=labelled)
+    assert tracker.peak <= plan.peak_bytes
+    # The kernel is the bulk of it: 1,504 x 1,500 float32 values.
+    assert tracker.peak >= 1504 * 1500 * 4
+    # Under a cap that just holds the dense layout, the same picks within the cap.
+    cap_gb = plan.peak_bytes / 0.99 / GB * 1.001
+    with _PeakBytes(z, labelled) as capped:
+        assert torch.equal(herd(z, 80, sigma, labelled=labelled, max_memory_gb=cap_gb), picks)
+    assert capped.peak <= cap_gb * GB
+    assert torch.equal(picks, herd(z, 80, sigma, labelled=labelled, method="naive"))
 
 
 def test_stochastic_herding_respects_the_cap_too():
