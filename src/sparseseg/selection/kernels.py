@@ -13,7 +13,7 @@ import torch
 
 from sparseseg.errors import SparsesegError
 
-__all__ = ["rbf", "median_bandwidth", "check_sigma"]
+__all__ = ["rbf", "median_bandwidth", "check_sigma", "random_projection"]
 
 
 def check_sigma(sigma: float) -> float:
@@ -153,3 +153,27 @@ def median_bandwidth(
             "non-finite features); pass sigma explicitly"
         )
     return 2.0 * med
+
+
+def random_projection(d_in: int, d_out: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Gaussian random projection matrix for z -> z @ P, with entries N(0, 1/d_out).
+
+    E||xP||² = ||x||² for every x, and with d_out = O(log n / ε²) all pairwise squared distances
+    of n points keep within a factor 1 ± ε with high probability (Johnson-Lindenstrauss), so an
+    RBF kernel on projected features approximates the kernel on the originals at d_out/d_in of
+    the cost of its matrix product.
+
+    Args:
+        d_in: feature dimension D.
+        d_out: projected dimension, >= 1.
+        generator: torch.Generator (CPU) for the draw; None uses the global RNG.
+
+    Returns:
+        (d_in, d_out) float32 tensor on the CPU.
+
+    Raises:
+        SparsesegError: a dimension below 1.
+    """
+    if int(d_in) < 1 or int(d_out) < 1:
+        raise SparsesegError(f"random_projection({d_in!r}, {d_out!r}); both dimensions must be >= 1")
+    return torch.randn(int(d_in), int(d_out), generator=generator) / math.sqrt(int(d_out))
