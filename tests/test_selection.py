@@ -718,3 +718,64 @@ def test_strategy_config_passes_the_cap_to_both_coverage_objectives(monkeypatch)
     assert StrategyConfig().max_memory_gb is None
     with pytest.raises(ValueError, match="greater than 0"):
         StrategyConfig(max_memory_gb=0)
+
+
+def test_random_projection_keeps_distances_as_johnson_lindenstrauss_says():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(200, 512, generator=g)
+    p = kernels.random_projection(512, 256, torch.Generator().manual_seed(1))
+    assert p.shape == (512, 256)
+    assert torch.equal(p, kernels.random_projection(512, 256, torch.Generator().manual_seed(1)))
+    before = torch.pdist(z.double()) ** 2
+    after = torch.pdist((z @ p).double()) ** 2
+    ratio = after / before
+    # ||xP||²/||x||² is a chi-square with 256 degrees of freedom over 256: mean 1, sd sqrt(2/256)
+    # = 0.088; over 19,900 pairs the mean is within a few hundredths, and no pair is off by half.
+    assert abs(float(ratio.mean()) - 1.0) < 0.02
+    assert float(ratio.std()) == pytest.approx(math.sqrt(2 / 256), rel=0.1)
+    assert 0.5 < float(ratio.min()) and float(ratio.max()) < 1.5
+    with pytest.raises(SparsesegError, match="dimensions must be >= 1"):
+        kernels.random_projection(512, 0)
+
+
+def test_local_projection_herds_projected_features_in_the_local_stage_only(monkeypatch):
+    from sparseseg.config import StrategyConfig
+    from sparseseg.features.store import FeatureStore
+    from sparseseg.labels import PixelLabels
+    from sparseseg.seeding import derived_generator
+    from sparseseg.selection import strategies
+    from tests.conftest import ToyBackbone
+
+    size, n_images = 12, 3
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n_images, size, size, 3), generator=g, dtype=torch.uint8)
+    store = FeatureStore(ToyBackbone(input_size=size), images, seed=0, split="train")
+    labels = PixelLabels()
+    labels.add(torch.tensor([0, 2]), torch.tensor([3, 5]), torch.tensor([4, 1]), torch.tensor([0, 1]), 1)
+    calls = []
+
+    def spy(z, k, sigma, labelled=None, **kw):
+        calls.append((z, labelled))
+        return herd(z, k, sigma, labelled=labelled, **kw)
+
+    monkeypatch.setattr(strategies, "max_herding", spy)
+    config = StrategyConfig(name="max_herding", candidates_per_image=40, k_per_image=6, pool_ratio=0.5,
+                            local_projection=4)
+    strategy = strategies.create_strategy(config)
+    ctx = strategies.RoundContext(store, labels, None, 4, 1, 0, noise_samples=1, tile_pixels=50)
+    picks = strategy.select(ctx)
+    assert len(picks.image) == 4
+    assert len(calls) == n_images + 1  # one local call per image, then the global one
+    proj = torch.randn(store.dim, 4, generator=derived_generator(0, "local-projection")) / 2.0  # N(0, 1/4)
+    for image, (z, covered) in enumerate(calls[:n_images]):
+        taken = {3 * size + 4} if image == 0 else {5 * size + 1} if image == 2 else set()
+        cand = strategy._candidates(ctx, image, taken)
+        full = store.at_pixels(torch.full_like(cand, image), cand // size, cand % size)
+        torch.testing.assert_close(z, full @ proj)
+        if image == 1:
+            assert covered is None
+        else:
+            (y, x), = [divmod(t, size) for t in taken]
+            lab = store.at_pixels(torch.tensor([image]), torch.tensor([y]), torch.tensor([x]))
+            torch.testing.assert_close(covered, lab @ proj)
+    assert calls[-1][0].shape[1] == store.dim  # the global stage herds the features as they are
