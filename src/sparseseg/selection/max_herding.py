@@ -213,7 +213,7 @@ class _Pool:
         return kernels.rbf(a, self.z, self.sigma, a_sqnorm=a_sqnorm, b_sqnorm=self.sqnorm), a_sqnorm
 
 
-def _gains(rows: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+def _gains(rows: torch.Tensor, cov: torch.Tensor, scratch: bool = False) -> torch.Tensor:
     """Marginal gains (times n) of the candidates whose kernel rows are given.
 
     gain_j = Σ_i max(0, k(z_j, z_i) - cov_i). Always called on (G, n) blocks with candidate j at
@@ -223,10 +223,15 @@ def _gains(rows: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
     Args:
         rows: (G, n) kernel rows, slot layout.
         cov: (n,) current coverage (running max of the kernel to L ∪ S, 0 if nothing yet).
+        scratch: `rows` is a fresh contiguous copy that may be overwritten: the subtraction runs in
+            place instead of into a temporary. The sum then reads the same bits at the same
+            offsets of a same-shaped fresh buffer (subtraction and clamp are exactly rounded).
 
     Returns:
         (G,) gains, by slot.
     """
+    if scratch:
+        return rows.sub_(cov[None, :]).clamp_(min=0.0).sum(dim=1)
     return (rows - cov[None, :]).clamp_(min=0.0).sum(dim=1)
 
 
@@ -311,6 +316,8 @@ def _naive(pool: _Pool, k: int, cov: torch.Tensor) -> list[int]:
 class _DenseRows:
     """Kernel rows for the lazy greedy from the dense kernel (nothing is ever recomputed)."""
 
+    scratch = True  # `rows` returns a gathered copy
+
     def __init__(self, pool: _Pool) -> None:
         self.kmat = _dense_kernel(pool)
         self.g = pool.gain_rows
@@ -325,6 +332,10 @@ class _DenseRows:
         for j in idx:
             sel[j % self.g] = j
         return torch.index_select(self.kmat, 0, torch.tensor(sel, device=self.kmat.device))
+
+    def row(self, j: int, rows: torch.Tensor) -> torch.Tensor:
+        """Candidate j's kernel row (`rows`, from `rows()`, may have been overwritten)."""
+        return self.kmat[j]
 
     def offer(self, idx: list[int], gains: list[float], rows: torch.Tensor, skip: int = -1) -> None:
         pass
@@ -341,6 +352,8 @@ class _RowCache:
     back to the same slot, so gains computed from them are identical. When full, the cache drops
     the candidate with the lowest current upper bound (the one the heap reaches last).
     """
+
+    scratch = False  # `rows` may return cached storage or rows to be cached
 
     def __init__(self, pool: _Pool, capacity: int) -> None:
         self.pool = pool
@@ -376,6 +389,10 @@ class _RowCache:
             self.store, 0, torch.tensor([self.slot[j] for j in hit], device=dev)
         )
         return out
+
+    def row(self, j: int, rows: torch.Tensor) -> torch.Tensor:
+        """Candidate j's kernel row, from the block `rows()` returned."""
+        return rows[j % self.pool.rows]
 
     def offer(self, idx: list[int], gains: list[float], rows: torch.Tensor, skip: int = -1) -> None:
         """Record fresh bounds (gains[t] is idx[t]'s, its row is rows[idx[t] mod R]); cache rows
@@ -448,7 +465,7 @@ def _lazy(pool: _Pool, k: int, cov: torch.Tensor, source: _DenseRows | _RowCache
         # Refresh the most promising candidates at once (one per slot).
         idx = _pop_batch(heap, g)
         rows = source.rows(idx)
-        by_slot = _gains(rows, cov).tolist()
+        by_slot = _gains(rows, cov, source.scratch).tolist()
         keys = [(-by_slot[j % g], j) for j in idx]
         best = min(keys)
         # Every key left in the heap is a lower bound on its true key (submodularity), so a
@@ -456,7 +473,7 @@ def _lazy(pool: _Pool, k: int, cov: torch.Tensor, source: _DenseRows | _RowCache
         picked = not heap or best <= heap[0]
         if picked:
             out.append(best[1])
-            torch.maximum(cov, rows[best[1] % g], out=cov)
+            torch.maximum(cov, source.row(best[1], rows), out=cov)
             source.drop(best[1])
         source.offer(idx, [-key[0] for key in keys], rows, skip=best[1] if picked else -1)
         for key in keys:
