@@ -779,3 +779,24 @@ def test_local_projection_herds_projected_features_in_the_local_stage_only(monke
             lab = store.at_pixels(torch.tensor([image]), torch.tensor([y]), torch.tensor([x]))
             torch.testing.assert_close(covered, lab @ proj)
     assert calls[-1][0].shape[1] == store.dim  # the global stage herds the features as they are
+
+
+def test_dense_greedy_runs_on_one_thread_and_restores_the_setting(monkeypatch):
+    z = _duplicated_pool(3, n=600, d=16).float()
+    sigma = median_bandwidth(z, generator=torch.Generator().manual_seed(0))
+    seen = []
+    real_gains = max_herding_module._gains
+
+    def spy(rows, cov, scratch=False):
+        seen.append(torch.get_num_threads())
+        return real_gains(rows, cov, scratch)
+
+    monkeypatch.setattr(max_herding_module, "_gains", spy)
+    torch.set_num_threads(2)
+    try:
+        picks = {method: herd(z, 40, sigma, method=method) for method in ("lazy", "naive")}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+    assert torch.equal(picks["lazy"], picks["naive"])
+    assert seen and set(seen) == {1}

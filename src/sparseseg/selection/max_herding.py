@@ -79,6 +79,7 @@ import heapq
 import math
 import numbers
 from collections.abc import Sequence
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -298,10 +299,35 @@ def _dense_kernel(pool: _Pool) -> torch.Tensor:
     return kmat
 
 
+@contextmanager
+def _greedy_threads(pool: _Pool):
+    """One intra-op thread for the greedy that follows a dense kernel build, on the CPU.
+
+    The greedy is thousands of small operations on (32, n) blocks: a second OpenMP thread gains
+    little on them and, when other processes load the cores, makes each one wait for a wake-up
+    (docs/performance.md has the measurement). The kernel build keeps the caller's threads.
+    torch's thread count is process-wide, so it is restored on exit.
+    """
+    before = torch.get_num_threads()
+    if pool.z.device.type != "cpu" or before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _naive(pool: _Pool, k: int, cov: torch.Tensor) -> list[int]:
     n, g = pool.n, pool.gain_rows
     kmat = _dense_kernel(pool)
-    picked = torch.zeros(n, dtype=torch.bool, device=pool.z.device)
+    with _greedy_threads(pool) if pool.dense else nullcontext():
+        return _naive_steps(kmat, n, g, k, cov)
+
+
+def _naive_steps(kmat: torch.Tensor, n: int, g: int, k: int, cov: torch.Tensor) -> list[int]:
+    picked = torch.zeros(n, dtype=torch.bool, device=kmat.device)
     out: list[int] = []
     for _ in range(k):
         gains = torch.cat([_gains(kmat[s : s + g], cov) for s in range(0, kmat.shape[0], g)])[:n]
@@ -616,7 +642,8 @@ def max_herding(
                 local = _naive(pool, budget, cov)
             elif method == "lazy":
                 source = _DenseRows(pool) if plan.dense else _RowCache(pool, min(plan.cache_rows, pool.n))
-                local = _lazy(pool, budget, cov, source)
+                with _greedy_threads(pool) if plan.dense else nullcontext():
+                    local = _lazy(pool, budget, cov, source)
                 del source
             else:
                 local = _stochastic(pool, budget, cov, float(epsilon), generator)
