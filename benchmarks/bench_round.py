@@ -8,8 +8,11 @@ Part `local` (per-image MaxHerding, the local stage of a round): for each of `--
 * new: `max_herding(z, keep, sigma)` with the default layout (the dense kernel when it fits the
   memory rule; `herding_plan` is printed);
 * current: the lazy row-cache path (`block_size=4096`: 32-row kernel calls, 4,096 cached rows),
-  the previous default;
-* naive: the naive greedy in the new path's layout, the exactness reference (`--no-naive` skips).
+  the previous default (`--no-current` skips);
+* naive: the naive greedy in the new path's layout, the exactness reference (`--no-naive` skips);
+* projected (`--projection DIM`): `strategy.local_projection`, the features projected to DIM
+  dimensions (projection and bandwidth timed), herded exactly; approximate picks, so the record
+  gives their coverage on the original kernel relative to the exact picks'.
 
 It prints each time, the ratios to the floor, and whether the picks are identical. Wall seconds
 and the process's CPU seconds are both recorded: on a shared machine the wall time includes
@@ -73,7 +76,7 @@ from PIL import Image
 from sparseseg.annotate.init import init_project
 from sparseseg.data.dataset import load_meta
 from sparseseg.selection import kernels, strategies
-from sparseseg.selection.max_herding import herding_plan, max_herding
+from sparseseg.selection.max_herding import coverage, herding_plan, max_herding
 
 SIDES = ("floor", "new", "current", "naive")
 
@@ -90,7 +93,15 @@ def floor(z: torch.Tensor, sigma: float) -> torch.Tensor:
     return kernels.rbf(z, z, sigma).sum(dim=1)
 
 
-def run_side(side: str, z: torch.Tensor, keep: int, sigma: float):
+def projected(z: torch.Tensor, keep: int, dim: int, seed: int) -> torch.Tensor:
+    """`strategy.local_projection`: herd a seeded random projection (its own bandwidth)."""
+    zp = z @ kernels.random_projection(z.shape[1], dim, torch.Generator().manual_seed(seed))
+    return max_herding(zp, keep, kernels.median_bandwidth(zp, generator=torch.Generator().manual_seed(seed)))
+
+
+def run_side(side: str, z: torch.Tensor, keep: int, sigma: float, args: argparse.Namespace):
+    if side == "projected":
+        return projected(z, keep, args.projection, args.seed)
     if side == "floor":
         return floor(z, sigma)
     if side == "new":
@@ -102,7 +113,9 @@ def run_side(side: str, z: torch.Tensor, keep: int, sigma: float):
 
 def local_part(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
-    sides = [s for s in SIDES if s != "naive" or args.naive]
+    sides = [s for s in SIDES if (s != "naive" or args.naive) and (s != "current" or args.current)]
+    if args.projection:
+        sides.append("projected")
     pools = [make_pool(args.n, args.dim, "clustered", args.seed + i) for i in range(args.images)]
     sigmas = [kernels.median_bandwidth(z, generator=torch.Generator().manual_seed(args.seed)) for z in pools]
     plan = herding_plan(args.n, args.dim, args.keep)
@@ -115,7 +128,7 @@ def local_part(args: argparse.Namespace) -> dict:
     for z, sigma in zip(pools, sigmas, strict=True):
         for side in sides:
             # the fastest of --repeat runs: what the code costs, not what the neighbours took
-            runs = [timed(lambda side=side, z=z, sigma=sigma: run_side(side, z, args.keep, sigma))
+            runs = [timed(lambda side=side, z=z, sigma=sigma: run_side(side, z, args.keep, sigma, args))
                     for _ in range(args.repeat)]
             wall[side] += min(r[1] for r in runs)
             cpu[side] += min(r[2] for r in runs)
@@ -126,7 +139,9 @@ def local_part(args: argparse.Namespace) -> dict:
     for side in sides:
         print(f"{side:<10}{wall[side]:>10.2f}{cpu[side]:>10.2f}{wall[side] / wall['floor']:>14.2f}"
               f"{cpu[side] / cpu['floor']:>13.2f}")
-    identical = {"new_vs_current": picks["new"] == picks["current"]}
+    identical = {}
+    if args.current:
+        identical["new_vs_current"] = picks["new"] == picks["current"]
     if args.naive:
         identical["new_vs_naive"] = picks["new"] == picks["naive"]
     print("identical picks: " + ", ".join(f"{k} {v}" for k, v in identical.items()))
@@ -140,6 +155,13 @@ def local_part(args: argparse.Namespace) -> dict:
         "cpu_ratio_to_floor": {s: round(cpu[s] / cpu["floor"], 3) for s in sides if s != "floor"},
         "identical_picks": identical,
     }
+    if args.projection:
+        # the projected picks are approximate: their coverage on the original kernel, against the exact picks'
+        ratio = [coverage(z, p, s) / coverage(z, e, s)
+                 for z, s, p, e in zip(pools, sigmas, picks["projected"], picks["new"], strict=True)]
+        record["projection"] = {"dim": args.projection, "coverage_ratio_to_exact": [round(r, 6) for r in ratio]}
+        print(f"projected to {args.projection} dims: coverage / exact coverage "
+              + ", ".join(f"{r:.5f}" for r in ratio))
     if args.parallel:
         record["parallel"] = parallel_part(args, pools, sigmas, picks["new"])
     return record
@@ -300,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=1, help="local: runs per side; the fastest counts")
     ap.add_argument("--no-naive", dest="naive", action="store_false", help="skip the naive reference")
+    ap.add_argument("--no-current", dest="current", action="store_false", help="skip the previous lazy path")
+    ap.add_argument("--projection", type=int, default=None, metavar="DIM",
+                    help="local: also herd a random projection to DIM dims (strategy.local_projection)")
     ap.add_argument("--parallel", action="store_true", help="also time the images on worker threads")
     ap.add_argument("--data", type=Path, default=None, help="round: a prepared dataset folder")
     ap.add_argument("--rounds", type=int, default=2, help="round: rounds to run")
