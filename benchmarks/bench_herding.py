@@ -79,7 +79,7 @@ def brute_k_center(z: torch.Tensor, k: int, first: int) -> torch.Tensor:
     return torch.tensor(picks)
 
 
-def select(z: torch.Tensor, method: str, keep: int, sigma: float, block_size: int,
+def select(z: torch.Tensor, method: str, keep: int, sigma: float, block_size: int | None,
            max_memory_gb: float | None, seed: int) -> torch.Tensor:
     """One side of a benchmark: the picks of `method` on pool z."""
     if method in ("lazy", "naive", "stochastic"):
@@ -88,7 +88,7 @@ def select(z: torch.Tensor, method: str, keep: int, sigma: float, block_size: in
                            generator=torch.Generator(z.device).manual_seed(seed))
     gen = torch.Generator().manual_seed(seed)
     if method == "blocked":
-        return k_center_greedy(z, keep, generator=gen, block_size=block_size, max_memory_gb=max_memory_gb)
+        return k_center_greedy(z, keep, generator=gen, block_size=block_size or 4096, max_memory_gb=max_memory_gb)
     first = int(torch.randint(z.shape[0], (1,), generator=gen))  # the draw k_center_greedy makes
     return brute_k_center(z, keep, first)
 
@@ -99,7 +99,7 @@ def _maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-def _run_cpu(pool_path: str, method: str, keep: int, sigma: float, block_size: int, threads: int,
+def _run_cpu(pool_path: str, method: str, keep: int, sigma: float, block_size: int | None, threads: int,
              max_memory_gb: float | None, seed: int) -> dict:
     """Child-process body: load the pool, run one method, report time, picks and maxrss delta."""
     torch.set_num_threads(threads)
@@ -111,7 +111,7 @@ def _run_cpu(pool_path: str, method: str, keep: int, sigma: float, block_size: i
     return {"seconds": seconds, "peak_extra_bytes": _maxrss_bytes() - before, "picks": picks.tolist()}
 
 
-def _run_cuda(z: torch.Tensor, method: str, keep: int, sigma: float, block_size: int,
+def _run_cuda(z: torch.Tensor, method: str, keep: int, sigma: float, block_size: int | None,
               max_memory_gb: float | None, seed: int) -> dict:
     # Warm-up outside the timed region (CUDA context, cuBLAS handles).
     select(z[:256], method, 4, sigma, block_size, None, seed)
@@ -141,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     ap.add_argument("--out", type=Path, default=None, help="append a record to this JSON list")
     ap.add_argument("--pool", choices=("clustered", "gaussian"), default="clustered")
-    ap.add_argument("--block-size", type=int, default=4096)
+    ap.add_argument("--block-size", type=int, default=None,
+                    help="MaxHerding: none = the layout follows the memory (dense kernel when it fits); "
+                         "an integer forces the row-cache layout. Core-set: rows per block (default 4096)")
     ap.add_argument("--max-memory", type=float, default=None, metavar="GB",
                     help="memory cap for ours (max_memory_gb); the reference runs uncapped")
     ap.add_argument("--seed", type=int, default=0)

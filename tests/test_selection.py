@@ -200,21 +200,22 @@ def test_lazy_equals_naive(pool, with_labelled):
 @pytest.mark.parametrize("method", ["lazy", "stochastic"])
 def test_every_method_computes_a_row_at_the_same_slot(monkeypatch, method):
     # A BLAS may give a row other last bits at another position of the product (MKL does for
-    # float64 rows in a tail panel). Simulate one that always does: each kernel row is shifted by
-    # (its position + 1) x 1e-9. Exact ties between duplicated points then become position
-    # dependent, so lazy == naive only if every method evaluates a candidate's row at one position.
+    # float64 rows in a tail panel), or in a product of another shape. Simulate one that always
+    # does: each kernel row is shifted by (its position + 1) x 1e-9 + (rows in the product) x
+    # 1e-8. Exact ties between duplicated points then depend on both, so lazy == naive only if
+    # every method evaluates a candidate's row at one position of one shape.
     real_rbf = kernels.rbf
 
     def positional(a, b, sigma, **kw):
         out = real_rbf(a, b, sigma, **kw)
-        return out + 1e-9 * torch.arange(1, a.shape[0] + 1, dtype=out.dtype)[:, None]
+        return out.add_(1e-9 * torch.arange(1, a.shape[0] + 1, dtype=out.dtype)[:, None] + 1e-8 * a.shape[0])
 
     monkeypatch.setattr(kernels, "rbf", positional)
     seen = []
     for seed in range(3):
         z = _duplicated_pool(seed, n=200, d=8)
         sigma = median_bandwidth(z, generator=torch.Generator().manual_seed(seed))
-        for block_size in (5, 7, 32):
+        for block_size in (5, 7, 32) if method == "stochastic" else (5, 7, 32, None):
             naive = herd(z, 40, sigma, method="naive", block_size=block_size)
             if method == "lazy":
                 assert torch.equal(naive, herd(z, 40, sigma, method="lazy", block_size=block_size)), (seed, block_size)
@@ -251,6 +252,34 @@ def test_lazy_equals_naive_float32_larger_pool():
     naive = herd(z, 150, sigma, labelled=labelled, method="naive")
     lazy = herd(z, 150, sigma, labelled=labelled, method="lazy")
     assert torch.equal(naive, lazy)
+
+
+@pytest.mark.parametrize("pool", sorted(POOLS))
+def test_lazy_equals_naive_in_the_dense_layout(pool):
+    # Default block_size: small pools take the dense layout (the kernel built once in
+    # TILE_ROWS-row products); 2,100 points make three tiles, the last a partial one.
+    for seed, n in ((0, 300), (1, 2100)):
+        z = POOLS[pool](seed, n=n)
+        labelled = torch.cat([z[:5] + 0.01, _random_pool(seed + 100, n=5, d=z.shape[1])])
+        sigma = median_bandwidth(z, generator=torch.Generator().manual_seed(seed))
+        plan = herding_plan(n, 16, 60, itemsize=8)
+        assert plan.dense and plan.rows == min(max_herding_module.TILE_ROWS, -(-n // 32) * 32)
+        for lab in (None, labelled):
+            naive = herd(z, 60, sigma, labelled=lab, method="naive")
+            lazy = herd(z, 60, sigma, labelled=lab, method="lazy")
+            assert torch.equal(naive, lazy), (pool, seed, lab is None)
+
+
+def test_dense_layout_picks_equal_apricot():
+    apricot = pytest.importorskip("apricot")
+    # As test_picks_equal_apricot_facility_location (same tie-free pool), in the dense layout.
+    z = _random_pool(12, n=200, d=8)
+    sigma = median_bandwidth(z)
+    assert herding_plan(200, 8, 30, itemsize=8).dense
+    ours = herd(z, 30, sigma).tolist()
+    kmat = rbf(z, z, sigma).numpy()
+    sel = apricot.FacilityLocationSelection(30, metric="precomputed", optimizer="lazy").fit(kmat)
+    assert [int(i) for i in sel.ranking] == ours
 
 
 def test_picks_equal_apricot_facility_location():
@@ -573,6 +602,53 @@ def test_sharded_herding_under_a_tight_cap():
     assert coverage(z, blind, sigma, labelled=labelled) < sharded - 0.01
 
 
+def test_dense_layout_follows_the_memory_rule():
+    from sparseseg.selection.herding_plan import DEFAULT_STORE_GB
+
+    # A local stage: 10,000 candidates, 0.4 GB of float32 kernel, well inside the default 2 GB.
+    plan = herding_plan(10_000, 512, 50)
+    assert plan.dense and plan.rows == 1024 and plan.gain_rows == 32 and plan.cache_rows == 10_000
+    assert 10_016 * 10_000 * 4 < plan.peak_bytes < 0.45 * GB
+    # "naive" takes the same layout as "lazy" for the same arguments.
+    assert herding_plan(10_000, 512, 50, method="naive").rows == 1024
+    # Past the default store (24,000 points: 2.1 GB of kernel): the row cache, R = 32, with as
+    # many rows as 2 GB holds; "naive" (uncapped) computes its rows the same way.
+    big = herding_plan(24_000, 512, 50)
+    assert not big.dense and big.rows == 32 and big.exact
+    assert big.cache_rows == pytest.approx(DEFAULT_STORE_GB * GB / (24_000 * 4 + 8), rel=0.01)
+    assert herding_plan(24_000, 512, 50, method="naive").rows == 32
+    # A cap decides instead of the default: just above the dense need, dense; just below, not.
+    need = plan.peak_bytes / GB
+    assert herding_plan(10_000, 512, 50, max_memory_gb=need / 0.99 * 1.001).dense
+    below = herding_plan(10_000, 512, 50, max_memory_gb=need * 0.98)
+    assert not below.dense and below.rows == 32 and below.cache_rows < 10_000
+    # An explicit block_size keeps the row-cache layout.
+    assert not herding_plan(500, 8, 5, block_size=4096).dense
+    # Stochastic greedy never holds the kernel.
+    assert not herding_plan(500, 8, 5, method="stochastic").dense
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dense_layout_memory_is_measured(dtype):
+    z = _clustered_pool(3, n=1500, d=24, clusters=10, spread=1.0).to(dtype)
+    labelled = z[:40].float() + 0.05
+    sigma = median_bandwidth(z.float(), generator=torch.Generator().manual_seed(0))
+    convert = 4 if dtype == torch.float16 else 0
+    plan = herding_plan(1500, 24, 80, convert=convert)
+    assert plan.dense
+    with _PeakBytes(z, labelled) as tracker:
+        picks = herd(z, 80, sigma, labelled=labelled)
+    assert tracker.peak <= plan.peak_bytes
+    # The kernel is the bulk of it: 1,504 x 1,500 float32 values.
+    assert tracker.peak >= 1504 * 1500 * 4
+    # Under a cap that just holds the dense layout, the same picks within the cap.
+    cap_gb = plan.peak_bytes / 0.99 / GB * 1.001
+    with _PeakBytes(z, labelled) as capped:
+        assert torch.equal(herd(z, 80, sigma, labelled=labelled, max_memory_gb=cap_gb), picks)
+    assert capped.peak <= cap_gb * GB
+    assert torch.equal(picks, herd(z, 80, sigma, labelled=labelled, method="naive"))
+
+
 def test_stochastic_herding_respects_the_cap_too():
     z = _random_pool(4, n=2000, d=16).float()
     sigma = median_bandwidth(z, generator=torch.Generator().manual_seed(0))
@@ -642,3 +718,85 @@ def test_strategy_config_passes_the_cap_to_both_coverage_objectives(monkeypatch)
     assert StrategyConfig().max_memory_gb is None
     with pytest.raises(ValueError, match="greater than 0"):
         StrategyConfig(max_memory_gb=0)
+
+
+def test_random_projection_keeps_distances_as_johnson_lindenstrauss_says():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(200, 512, generator=g)
+    p = kernels.random_projection(512, 256, torch.Generator().manual_seed(1))
+    assert p.shape == (512, 256)
+    assert torch.equal(p, kernels.random_projection(512, 256, torch.Generator().manual_seed(1)))
+    before = torch.pdist(z.double()) ** 2
+    after = torch.pdist((z @ p).double()) ** 2
+    ratio = after / before
+    # ||xP||²/||x||² is a chi-square with 256 degrees of freedom over 256: mean 1, sd sqrt(2/256)
+    # = 0.088; over 19,900 pairs the mean is within a few hundredths, and no pair is off by half.
+    assert abs(float(ratio.mean()) - 1.0) < 0.02
+    assert float(ratio.std()) == pytest.approx(math.sqrt(2 / 256), rel=0.1)
+    assert 0.5 < float(ratio.min()) and float(ratio.max()) < 1.5
+    with pytest.raises(SparsesegError, match="dimensions must be >= 1"):
+        kernels.random_projection(512, 0)
+
+
+def test_local_projection_herds_projected_features_in_the_local_stage_only(monkeypatch):
+    from sparseseg.config import StrategyConfig
+    from sparseseg.features.store import FeatureStore
+    from sparseseg.labels import PixelLabels
+    from sparseseg.seeding import derived_generator
+    from sparseseg.selection import strategies
+    from tests.conftest import ToyBackbone
+
+    size, n_images = 12, 3
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n_images, size, size, 3), generator=g, dtype=torch.uint8)
+    store = FeatureStore(ToyBackbone(input_size=size), images, seed=0, split="train")
+    labels = PixelLabels()
+    labels.add(torch.tensor([0, 2]), torch.tensor([3, 5]), torch.tensor([4, 1]), torch.tensor([0, 1]), 1)
+    calls = []
+
+    def spy(z, k, sigma, labelled=None, **kw):
+        calls.append((z, labelled))
+        return herd(z, k, sigma, labelled=labelled, **kw)
+
+    monkeypatch.setattr(strategies, "max_herding", spy)
+    config = StrategyConfig(name="max_herding", candidates_per_image=40, k_per_image=6, pool_ratio=0.5,
+                            local_projection=4)
+    strategy = strategies.create_strategy(config)
+    ctx = strategies.RoundContext(store, labels, None, 4, 1, 0, noise_samples=1, tile_pixels=50)
+    picks = strategy.select(ctx)
+    assert len(picks.image) == 4
+    assert len(calls) == n_images + 1  # one local call per image, then the global one
+    proj = torch.randn(store.dim, 4, generator=derived_generator(0, "local-projection")) / 2.0  # N(0, 1/4)
+    for image, (z, covered) in enumerate(calls[:n_images]):
+        taken = {3 * size + 4} if image == 0 else {5 * size + 1} if image == 2 else set()
+        cand = strategy._candidates(ctx, image, taken)
+        full = store.at_pixels(torch.full_like(cand, image), cand // size, cand % size)
+        torch.testing.assert_close(z, full @ proj)
+        if image == 1:
+            assert covered is None
+        else:
+            (y, x), = [divmod(t, size) for t in taken]
+            lab = store.at_pixels(torch.tensor([image]), torch.tensor([y]), torch.tensor([x]))
+            torch.testing.assert_close(covered, lab @ proj)
+    assert calls[-1][0].shape[1] == store.dim  # the global stage herds the features as they are
+
+
+def test_dense_greedy_runs_on_one_thread_and_restores_the_setting(monkeypatch):
+    z = _duplicated_pool(3, n=600, d=16).float()
+    sigma = median_bandwidth(z, generator=torch.Generator().manual_seed(0))
+    seen = []
+    real_gains = max_herding_module._gains
+
+    def spy(rows, cov, scratch=False):
+        seen.append(torch.get_num_threads())
+        return real_gains(rows, cov, scratch)
+
+    monkeypatch.setattr(max_herding_module, "_gains", spy)
+    torch.set_num_threads(2)
+    try:
+        picks = {method: herd(z, 40, sigma, method=method) for method in ("lazy", "naive")}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+    assert torch.equal(picks["lazy"], picks["naive"])
+    assert seen and set(seen) == {1}

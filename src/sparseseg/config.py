@@ -100,6 +100,7 @@ class StrategyConfig(_Frozen):
     pool_ratio: float = Field(0.5, gt=0, le=1)  # M = pool_ratio * N * K
     bandwidth_fraction: float = Field(0.01, gt=0, le=1)  # subsample for the median heuristic
     herding: Literal["lazy", "naive", "stochastic"] = "lazy"
+    local_projection: int | None = Field(None, ge=1)  # local herding on a seeded D -> this projection; None: exact
     max_memory_gb: float | None = Field(None, gt=0)  # cap on coverage working memory (docs/performance.md)
     power: float = Field(1.0, gt=0)  # exponent of power sampling (power_bald, power_dald): p ~ score**power
     top_fraction: float | None = Field(None, gt=0, le=1)  # PixelPick rule: keep this top fraction, draw b

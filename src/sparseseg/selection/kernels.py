@@ -13,7 +13,7 @@ import torch
 
 from sparseseg.errors import SparsesegError
 
-__all__ = ["rbf", "median_bandwidth", "check_sigma"]
+__all__ = ["rbf", "median_bandwidth", "check_sigma", "random_projection"]
 
 
 def check_sigma(sigma: float) -> float:
@@ -45,6 +45,7 @@ def rbf(
     *,
     a_sqnorm: torch.Tensor | None = None,
     b_sqnorm: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """RBF kernel matrix k(a_i, b_j) = exp(-||a_i - b_j||² / σ²).
 
@@ -58,9 +59,11 @@ def rbf(
         a_sqnorm: optional precomputed (n,) squared norms of the rows of `a` (callers that
             evaluate many blocks against the same pool pass them to avoid recomputation).
         b_sqnorm: optional precomputed (m,) squared norms of the rows of `b`.
+        out: optional contiguous (n, m) tensor (dtype and device of `a`) to write the kernel
+            into, e.g. a block of rows of a larger kernel; None: a new tensor.
 
     Returns:
-        (n, m) tensor in the dtype of `a`, values in (0, 1].
+        (n, m) tensor in the dtype of `a` (`out` when given), values in (0, 1].
 
     Raises:
         SparsesegError: on non-2-D inputs, mismatched feature dimensions, or a bad `sigma`.
@@ -82,7 +85,12 @@ def rbf(
         raise SparsesegError(f"b_sqnorm must have shape ({b.shape[0]},); got {tuple(b_sqnorm.shape)}")
     # One (n, m) buffer, updated in place (peak memory = the output). Elementwise ops after a
     # plain matmul, not addmm: callers rely on identical rows giving bit-identical values.
-    out = a @ b.T
+    if out is None:
+        out = a @ b.T
+    elif tuple(out.shape) != (a.shape[0], b.shape[0]) or not out.is_contiguous():
+        raise SparsesegError(f"out must be a contiguous ({a.shape[0]}, {b.shape[0]}) tensor; got {tuple(out.shape)}")
+    else:
+        torch.matmul(a, b.T, out=out)
     out.mul_(-2.0).add_(a_sqnorm[:, None]).add_(b_sqnorm[None, :])
     out.clamp_(min=0.0).mul_(-1.0 / (s * s))
     return out.exp_()
@@ -145,3 +153,27 @@ def median_bandwidth(
             "non-finite features); pass sigma explicitly"
         )
     return 2.0 * med
+
+
+def random_projection(d_in: int, d_out: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Gaussian random projection matrix for z -> z @ P, with entries N(0, 1/d_out).
+
+    E||xP||² = ||x||² for every x, and with d_out = O(log n / ε²) all pairwise squared distances
+    of n points keep within a factor 1 ± ε with high probability (Johnson-Lindenstrauss), so an
+    RBF kernel on projected features approximates the kernel on the originals at d_out/d_in of
+    the cost of its matrix product.
+
+    Args:
+        d_in: feature dimension D.
+        d_out: projected dimension, >= 1.
+        generator: torch.Generator (CPU) for the draw; None uses the global RNG.
+
+    Returns:
+        (d_in, d_out) float32 tensor on the CPU.
+
+    Raises:
+        SparsesegError: a dimension below 1.
+    """
+    if int(d_in) < 1 or int(d_out) < 1:
+        raise SparsesegError(f"random_projection({d_in!r}, {d_out!r}); both dimensions must be >= 1")
+    return torch.randn(int(d_in), int(d_out), generator=generator) / math.sqrt(int(d_out))

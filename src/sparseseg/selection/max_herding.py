@@ -9,42 +9,59 @@ facility location divided by n: monotone submodular, so the lazy greedy optimise
 are valid upper bounds) returns exactly the picks of the naive greedy, with far fewer kernel
 evaluations. The reference code runs the naive greedy over a dense n x n kernel.
 
-Exactness of lazy == naive. lazy == naive holds when every method computes every per-candidate
-quantity -- the kernel row k(z_j, ·) and the gain -- with the same bits. Floating point makes that
-fragile, and it is designed in here rather than hoped for:
+Two layouts (`herding_plan` chooses; `herding_plan.py` says how):
 
+* dense: when the whole call fits the memory cap (DEFAULT_STORE_GB = 2 GB without one), the
+  n x n kernel is built once, from R = TILE_ROWS-row products (a large matrix product runs at the
+  speed of the hardware; a 32-row one is 1.3-2x slower per row), and the greedy reads it. The
+  lazy greedy then costs one kernel pass plus its refreshes, each a gather of G = 32 rows and a
+  reduction. A local stage of 10,000 candidates (0.4 GB in float32) is always in this layout.
+* row cache: R = G = 32 rows per kernel call; the lazy greedy caches the rows of its most
+  promising candidates and recomputes the others (global stages past the cap).
+
+Exactness of lazy == naive. It holds when both compute every per-candidate quantity -- the kernel
+row k(z_j, ·) and the gain -- with the same bits. Floating point makes that fragile, so it is
+designed in, not hoped for:
+
+* "naive" and "lazy" use the same layout for the same arguments (one test decides it), and in
+  the dense layout both read the kernel from one function, `_dense_kernel`: each row is computed
+  once.
 * A BLAS result depends on the shape of the product (a 1-row matmul takes another code path than
   a 32-row one; the reduction dimension is blocked by shape) AND on the position of a row inside
-  the product: MKL computes float64 rows in a tail panel (rows 4..6 of a 7-row product, say) with
-  another instruction sequence than rows in a full panel, so the same row gets other last bits at
-  another position. So every kernel row, in every method and in the row cache, is row `j mod R`
-  of an `kernels.rbf` call on exactly R = min(block_size, EVAL_ROWS) rows against the whole pool:
-  a batch holds at most one candidate per residue mod R, at its own slot; free slots are padding
-  whose values are discarded. Row t of a matrix product depends on row t of the left operand
-  only, so what the other slots hold cannot change it.
-* Gains come from one shared function, `_gains`, applied to (R, n) blocks laid out the same way
-  (candidate j at slot j mod R) in every method: the reduction over the pool runs at the same
-  position of the same shape, on rows with the same bits. The row cache stores the rows `rbf`
-  produced and puts them back at their slot.
-* Elementwise IEEE operations (subtraction, clamp, max) are correctly rounded, so they give the
-  same bits wherever they run. `exp` (vectorised, with a scalar tail) and the row reduction need
-  not; they always see the same row at the same offset of a same-shaped buffer.
+  it: MKL computes float64 rows in a tail panel (rows 4..6 of a 7-row product, say) with another
+  instruction sequence than rows in a full panel, so the same row gets other last bits at another
+  position. So in the row-cache layout every kernel row, in every method and in the cache, is row
+  `j mod R` of a `kernels.rbf` call on exactly R rows against the whole pool: a batch holds at
+  most one candidate per residue mod R, at its own slot; free slots are padding whose values are
+  discarded. Row t of a matrix product depends on row t of the left operand only, so what the
+  other slots hold cannot change it.
+* Gains come from one shared function, `_gains`, applied to (G, n) blocks with candidate j at
+  slot j mod G in every method (gathered from the dense kernel or the cache, or computed): the
+  reduction runs on a fresh temporary at the same position of the same shape, on the same bits.
+* Elementwise IEEE operations (subtraction, clamp, max, copies) are correctly rounded, so they
+  give the same bits wherever they run; `exp` (vectorised, with a scalar tail) and the reductions
+  need not, and always see a row at the same offset of a same-shaped buffer.
 
 What remains assumed is only that one operation on identical operands at an identical position
-gives identical bits (a deterministic library with a fixed thread count: MKL with several threads
-and dynamic threading can split work differently from call to call). Given identical kernel rows
-and gains, the monotonicity of floating-point subtraction and addition keeps stale gains valid
-upper bounds bit for bit, and ties are broken the same way (lowest index wins) by ordering the
-lazy heap on (-gain, index).
+gives identical bits (a deterministic library and a fixed thread count). Given identical kernel
+rows and gains, the monotonicity of floating-point subtraction and addition keeps stale gains
+valid upper bounds bit for bit, and ties are broken the same way (lowest index wins) by ordering
+the lazy heap on (-gain, index).
 
-Memory. Nothing here ever needs the n x n kernel except the "naive" reference. `max_memory_gb`
-caps the tensors a call allocates (the input features themselves are the caller's and are not
-counted; GB = 2^30 bytes); `herding_plan` turns the cap into a layout:
+Across layouts (a cap that rules the dense kernel out, an explicit block_size) a row comes from a
+product of another shape, which a BLAS may round differently in the last bit: picks can then
+differ where two gains agree to that rounding (exact duplicates included). With MKL in float32
+the rows had the same bits in 32-row and 1024-row products, and the tests comparing the layouts
+pass; in float64 they need not.
 
-* The running state of lazy greedy is small: per pool point two values (squared norm, coverage)
-  plus a few (R, n) kernel blocks. Whatever the cap leaves over holds the row cache, whose size
-  only changes speed, never the picks: with a cap, picks are bit-identical to the uncapped lazy
-  and naive ones (labelled rows are evaluated in the same fixed R-row batches as everything else).
+Memory. `max_memory_gb` caps the tensors a call allocates (the input features themselves are the
+caller's and are not counted; GB = 2^30 bytes); `herding_plan` turns the cap into a layout:
+
+* The dense layout needs the kernel (n² values) plus one (R, n) tile and a few (G, n) blocks.
+* The running state of the row-cache lazy greedy is small: per pool point two values (squared
+  norm, coverage) plus a few (R, n) kernel blocks. Whatever the cap leaves over holds the row
+  cache, whose size only changes speed, never the picks (labelled rows are evaluated in the same
+  fixed G-row batches in every layout).
 * When even that running state does not fit (about (2 + 3R) x 4 bytes per pool point in float32,
   R = 32), the pool is split into S contiguous shards of near-equal size, each small enough to fit.
   Shard s gets a budget k_s proportional to its size (largest remainder: the floors of k·n_s/n,
@@ -62,23 +79,25 @@ import heapq
 import math
 import numbers
 from collections.abc import Sequence
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
 
 import torch
 
 from sparseseg.errors import SparsesegError
 from sparseseg.selection import kernels
+from sparseseg.selection.herding_plan import (
+    DEFAULT_STORE_GB,
+    EVAL_ROWS,
+    GB,
+    METHODS,
+    TILE_ROWS,
+    HerdingPlan,
+    herding_plan,
+)
+from sparseseg.selection.herding_plan import apportion as _apportion  # noqa: F401 (tests reach it here)
 
-__all__ = ["max_herding", "coverage", "herding_plan", "HerdingPlan", "EVAL_ROWS", "METHODS", "GB"]
-
-#: Candidate rows evaluated per kernel call (capped by block_size). Fixed so that every kernel
-#: row is produced by an identically shaped matmul (see module docstring).
-EVAL_ROWS = 32
-
-METHODS = ("naive", "lazy", "stochastic")
-
-#: Bytes per GB in `max_memory_gb`.
-GB = 2**30
+__all__ = ["max_herding", "coverage", "herding_plan", "HerdingPlan", "EVAL_ROWS", "TILE_ROWS",
+           "DEFAULT_STORE_GB", "METHODS", "GB"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,13 +152,25 @@ def _check_int(value: object, name: str, minimum: int) -> int:
 
 
 class _Pool:
-    """The candidate features plus what every kernel-row evaluation needs."""
+    """The candidate features plus what every kernel-row evaluation needs.
 
-    def __init__(self, z: torch.Tensor, sigma: float, rows: int, name: str = "z") -> None:
+    Args:
+        z: (n, D) pool features, in the working dtype.
+        sigma: RBF bandwidth.
+        rows: R, rows per kernel call (candidate j at row j mod R).
+        gain_rows: G, rows per gain reduction and per batch of outside (source) points; R is a
+            multiple of G.
+        dense: the dense layout (the whole kernel is built by `_dense_kernel`).
+    """
+
+    def __init__(self, z: torch.Tensor, sigma: float, rows: int, gain_rows: int, dense: bool = False,
+                 name: str = "z") -> None:
         self.z = z
+        self.dense = dense
         self.n = z.shape[0]
         self.sigma = sigma
         self.rows = rows
+        self.gain_rows = gain_rows
         # Squared norms computed once; indexing them keeps each row's value batch-independent.
         self.sqnorm = _sqnorm(z)
         if not bool(torch.isfinite(self.sqnorm).all()):
@@ -162,40 +193,46 @@ class _Pool:
     def source_rows(
         self, src: torch.Tensor, start: int, stop: int, idx: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(R, n) kernel rows of outside points against the pool, padded to R rows like `kernel_rows`,
-        and the (R,) squared norms of those points.
+        """(G, n) kernel rows of outside points against the pool, padded to G rows, and the (G,)
+        squared norms of those points.
 
-        The points are src[start:stop] (idx None) or src[idx[start:stop]], stop - start <= R; src
-        may have another dtype or device than the pool (converted here, R rows at a time).
+        The points are src[start:stop] (idx None) or src[idx[start:stop]], stop - start <= G; src
+        may have another dtype or device than the pool (converted here, G rows at a time).
         """
+        g = self.gain_rows
         if idx is None:
             a = src[start:stop]
-            if a.shape[0] < self.rows:
-                a = torch.cat([a, a[-1:].expand(self.rows - a.shape[0], -1)])
+            if a.shape[0] < g:
+                a = torch.cat([a, a[-1:].expand(g - a.shape[0], -1)])
         else:
             sel = idx[start:stop]
-            if sel.numel() < self.rows:
-                sel = torch.cat([sel, sel[-1:].expand(self.rows - sel.numel())])
+            if sel.numel() < g:
+                sel = torch.cat([sel, sel[-1:].expand(g - sel.numel())])
             a = src[sel.to(src.device)]
         a = a.to(device=self.z.device, dtype=self.z.dtype)
         a_sqnorm = _sqnorm(a)
         return kernels.rbf(a, self.z, self.sigma, a_sqnorm=a_sqnorm, b_sqnorm=self.sqnorm), a_sqnorm
 
 
-def _gains(rows: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+def _gains(rows: torch.Tensor, cov: torch.Tensor, scratch: bool = False) -> torch.Tensor:
     """Marginal gains (times n) of the candidates whose kernel rows are given.
 
-    gain_j = Σ_i max(0, k(z_j, z_i) - cov_i). Always called on (R, n) blocks with candidate j at
-    slot j mod R, so a candidate's reduction runs at the same position of the same shape in every
-    method (module docstring).
+    gain_j = Σ_i max(0, k(z_j, z_i) - cov_i). Always called on (G, n) blocks with candidate j at
+    slot j mod G, so a candidate's reduction runs at the same position of the same shape in every
+    method (module docstring). The reduction runs on a fresh temporary, wherever `rows` lives.
 
     Args:
-        rows: (R, n) kernel rows, slot layout.
+        rows: (G, n) kernel rows, slot layout.
         cov: (n,) current coverage (running max of the kernel to L ∪ S, 0 if nothing yet).
+        scratch: `rows` is a fresh contiguous copy that may be overwritten: the subtraction runs in
+            place instead of into a temporary. The sum then reads the same bits at the same
+            offsets of a same-shaped fresh buffer (subtraction and clamp are exactly rounded).
 
     Returns:
-        (R,) gains, by slot.
+        (G,) gains, by slot.
     """
+    if scratch:
+        return rows.sub_(cov[None, :]).clamp_(min=0.0).sum(dim=1)
     return (rows - cov[None, :]).clamp_(min=0.0).sum(dim=1)
 
 
@@ -218,8 +255,8 @@ def _initial_coverage(
     """(n,) running max of the kernel from the given points to the pool; zeros without any.
 
     Each source is (name, features, None) for all its rows, or (name, features, idx) for the rows
-    idx. Rows are evaluated in padded batches of exactly R (as candidate rows are), so the
-    coverage -- and hence the picks -- do not depend on block_size or on a memory cap.
+    idx. Rows are evaluated in padded batches of exactly G, so the coverage -- and hence the
+    picks -- do not depend on a memory cap.
 
     Raises:
         SparsesegError: a source with non-finite features (named).
@@ -228,8 +265,8 @@ def _initial_coverage(
     for name, src, idx in sources:
         count = src.shape[0] if idx is None else idx.numel()
         finite = torch.ones((), dtype=torch.bool, device=pool.z.device)
-        for start in range(0, count, pool.rows):
-            blk, a_sqnorm = pool.source_rows(src, start, min(start + pool.rows, count), idx)
+        for start in range(0, count, pool.gain_rows):
+            blk, a_sqnorm = pool.source_rows(src, start, min(start + pool.gain_rows, count), idx)
             finite &= torch.isfinite(a_sqnorm).all()
             torch.maximum(cov, blk.amax(dim=0), out=cov)
         if not bool(finite):  # one synchronisation per source
@@ -241,17 +278,59 @@ def _initial_coverage(
 # optimisers
 
 
-def _naive(pool: _Pool, k: int, cov: torch.Tensor) -> list[int]:
-    n, r = pool.n, pool.rows
-    n_pad = -(-n // r) * r
-    # The whole kernel, built from the same (R, n) row batches the other methods use.
-    kmat = torch.empty(n_pad, n, dtype=pool.z.dtype, device=pool.z.device)
+def _dense_kernel(pool: _Pool) -> torch.Tensor:
+    """The whole kernel, (n rounded up to G, n): row j is k(z_j, z).
+
+    Dense layout: R-row products on z[0:R], z[R:2R], ..., written straight into the kernel;
+    "naive" and "lazy" both build it here, so each row has one computation. Row-cache layout
+    ("naive" only): from `kernel_rows`, exactly as the lazy greedy computes its rows. The rows
+    past n pad the last gain block (copies of row n - 1; discarded).
+    """
+    n, r, g = pool.n, pool.rows, pool.gain_rows
+    kmat = torch.empty(-(-n // g) * g, n, dtype=pool.z.dtype, device=pool.z.device)
     for start in range(0, n, r):
-        kmat[start : start + r] = pool.kernel_rows(range(start, min(start + r, n)))
-    picked = torch.zeros(n, dtype=torch.bool, device=pool.z.device)
+        stop = min(start + r, n)
+        if pool.dense:
+            kernels.rbf(pool.z[start:stop], pool.z, pool.sigma, a_sqnorm=pool.sqnorm[start:stop],
+                        b_sqnorm=pool.sqnorm, out=kmat[start:stop])
+        else:
+            kmat[start:stop] = pool.kernel_rows(range(start, stop))[: stop - start]
+    kmat[n:] = kmat[n - 1]
+    return kmat
+
+
+@contextmanager
+def _greedy_threads(pool: _Pool):
+    """One intra-op thread for the greedy that follows a dense kernel build, on the CPU.
+
+    The greedy is thousands of small operations on (32, n) blocks: a second OpenMP thread gains
+    little on them and, when other processes load the cores, makes each one wait for a wake-up
+    (docs/performance.md has the measurement). The kernel build keeps the caller's threads.
+    torch's thread count is process-wide, so it is restored on exit.
+    """
+    before = torch.get_num_threads()
+    if pool.z.device.type != "cpu" or before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _naive(pool: _Pool, k: int, cov: torch.Tensor) -> list[int]:
+    n, g = pool.n, pool.gain_rows
+    kmat = _dense_kernel(pool)
+    with _greedy_threads(pool) if pool.dense else nullcontext():
+        return _naive_steps(kmat, n, g, k, cov)
+
+
+def _naive_steps(kmat: torch.Tensor, n: int, g: int, k: int, cov: torch.Tensor) -> list[int]:
+    picked = torch.zeros(n, dtype=torch.bool, device=kmat.device)
     out: list[int] = []
     for _ in range(k):
-        gains = torch.cat([_gains(kmat[s : s + r], cov) for s in range(0, n_pad, r)])[:n]
+        gains = torch.cat([_gains(kmat[s : s + g], cov) for s in range(0, kmat.shape[0], g)])[:n]
         gains[picked] = -math.inf
         j = int(torch.argmax(gains))  # first maximum: lowest index wins ties
         out.append(j)
@@ -260,14 +339,47 @@ def _naive(pool: _Pool, k: int, cov: torch.Tensor) -> list[int]:
     return out
 
 
+class _DenseRows:
+    """Kernel rows for the lazy greedy from the dense kernel (nothing is ever recomputed)."""
+
+    scratch = True  # `rows` returns a gathered copy
+
+    def __init__(self, pool: _Pool) -> None:
+        self.kmat = _dense_kernel(pool)
+        self.g = pool.gain_rows
+
+    def first(self, start: int) -> torch.Tensor:
+        """(G, n) rows of candidates start.. start + G - 1 (start a multiple of G)."""
+        return self.kmat[start : start + self.g]
+
+    def rows(self, idx: list[int]) -> torch.Tensor:
+        """(G, n) block for `idx` (at most one candidate per residue mod G), slot layout."""
+        sel = [idx[0]] * self.g
+        for j in idx:
+            sel[j % self.g] = j
+        return torch.index_select(self.kmat, 0, torch.tensor(sel, device=self.kmat.device))
+
+    def row(self, j: int, rows: torch.Tensor) -> torch.Tensor:
+        """Candidate j's kernel row (`rows`, from `rows()`, may have been overwritten)."""
+        return self.kmat[j]
+
+    def offer(self, idx: list[int], gains: list[float], rows: torch.Tensor, skip: int = -1) -> None:
+        pass
+
+    def drop(self, j: int) -> None:
+        pass
+
+
 class _RowCache:
-    """Kernel rows of the most promising candidates, at most `capacity` of them.
+    """Kernel rows of the most promising candidates, at most `capacity` of them (R = G).
 
     Lazy greedy refreshes the same top candidates again and again; recomputing k(z_j, ·) costs
     O(n·D), reading a cached row O(n). Cached rows are the very bits `kernel_rows` produced and go
     back to the same slot, so gains computed from them are identical. When full, the cache drops
     the candidate with the lowest current upper bound (the one the heap reaches last).
     """
+
+    scratch = False  # `rows` may return cached storage or rows to be cached
 
     def __init__(self, pool: _Pool, capacity: int) -> None:
         self.pool = pool
@@ -277,6 +389,10 @@ class _RowCache:
         self.owner = [-1] * capacity
         # Upper bound of each slot's candidate; -inf marks a free slot. Kept on the CPU.
         self.bound = torch.full((capacity,), -math.inf, dtype=torch.float64)
+
+    def first(self, start: int) -> torch.Tensor:
+        """(R, n) rows of candidates start.. start + R - 1 (start a multiple of R), computed."""
+        return self.pool.kernel_rows(range(start, min(start + self.pool.rows, self.pool.n)))
 
     def rows(self, idx: list[int]) -> torch.Tensor:
         """(R, n) kernel block for `idx` (at most one candidate per residue mod R), slot layout
@@ -293,12 +409,16 @@ class _RowCache:
             sel = [self.slot[hit[0]]] * r
             for j in hit:
                 sel[j % r] = self.slot[j]
-            return self.store[torch.tensor(sel, device=dev)]
+            return torch.index_select(self.store, 0, torch.tensor(sel, device=dev))
         out = pool.kernel_rows(miss)
-        out[torch.tensor([j % r for j in hit], device=dev)] = self.store[
-            torch.tensor([self.slot[j] for j in hit], device=dev)
-        ]
+        out[torch.tensor([j % r for j in hit], device=dev)] = torch.index_select(
+            self.store, 0, torch.tensor([self.slot[j] for j in hit], device=dev)
+        )
         return out
+
+    def row(self, j: int, rows: torch.Tensor) -> torch.Tensor:
+        """Candidate j's kernel row, from the block `rows()` returned."""
+        return rows[j % self.pool.rows]
 
     def offer(self, idx: list[int], gains: list[float], rows: torch.Tensor, skip: int = -1) -> None:
         """Record fresh bounds (gains[t] is idx[t]'s, its row is rows[idx[t] mod R]); cache rows
@@ -332,60 +452,58 @@ class _RowCache:
             self.bound[s] = -math.inf
 
 
-def _pop_batch(heap: list[tuple[float, int]], r: int) -> list[tuple[float, int]]:
-    """Pop up to r of the most promising heap entries, at most one per residue mod r.
+def _pop_batch(heap: list[tuple[float, int]], g: int) -> list[int]:
+    """The most promising candidates: of the g best heap entries, the first of each residue mod g.
 
-    Entries whose slot is already taken go back on the heap unchanged (their stale bounds stay
-    valid); at most 2r entries are looked at.
+    They leave the heap; the others (their slot already taken) stay, with their stale bounds.
     """
-    batch: list[tuple[float, int]] = []
+    batch: list[int] = []
     deferred: list[tuple[float, int]] = []
     taken: set[int] = set()
-    while heap and len(batch) < r and len(batch) + len(deferred) < 2 * r:
+    for _ in range(min(g, len(heap))):
         key = heapq.heappop(heap)
-        if key[1] % r in taken:
+        if key[1] % g in taken:
             deferred.append(key)
         else:
-            taken.add(key[1] % r)
-            batch.append(key)
+            taken.add(key[1] % g)
+            batch.append(key[1])
     for key in deferred:
         heapq.heappush(heap, key)
     return batch
 
 
-def _lazy(pool: _Pool, k: int, cov: torch.Tensor, cache_rows: int) -> list[int]:
-    n, r = pool.n, pool.rows
-    cache = _RowCache(pool, min(cache_rows, n))
+def _lazy(pool: _Pool, k: int, cov: torch.Tensor, source: _DenseRows | _RowCache) -> list[int]:
+    """Lazy greedy; `source` gives kernel rows in (G, n) slot-layout blocks (R = G for a cache)."""
+    n, g = pool.n, pool.gain_rows
     # Heap of (-gain upper bound, index): the smallest key is the largest bound, lowest index
     # first among equal bounds -- the same tie-break as the naive argmax.
     heap: list[tuple[float, int]] = []
-    for start in range(0, n, r):  # aligned batches: candidate j at slot j mod r
-        idx = list(range(start, min(start + r, n)))
-        rows = pool.kernel_rows(idx)
-        g = _gains(rows, cov)[: len(idx)].tolist()
-        cache.offer(idx, g, rows)
-        heap.extend((-gi, j) for gi, j in zip(g, idx, strict=True))
-        del rows  # before the next batch is built: bounds the peak (module docstring, Memory)
+    for start in range(0, n, g):  # aligned blocks: candidate j at slot j mod G
+        idx = list(range(start, min(start + g, n)))
+        rows = source.first(start)
+        gains = _gains(rows, cov)[: len(idx)].tolist()
+        source.offer(idx, gains, rows)
+        heap.extend((-gi, j) for gi, j in zip(gains, idx, strict=True))
+        del rows  # before the next block is read: bounds the peak (module docstring, Memory)
     heapq.heapify(heap)
     out: list[int] = []
     while len(out) < k:
         # Refresh the most promising candidates at once (one per slot).
-        idx = [j for _, j in _pop_batch(heap, r)]
-        rows = cache.rows(idx)
-        by_slot = _gains(rows, cov).tolist()
-        g = [by_slot[j % r] for j in idx]
-        keys = [(-gi, j) for gi, j in zip(g, idx, strict=True)]
-        best = min(range(len(keys)), key=keys.__getitem__)
+        idx = _pop_batch(heap, g)
+        rows = source.rows(idx)
+        by_slot = _gains(rows, cov, source.scratch).tolist()
+        keys = [(-by_slot[j % g], j) for j in idx]
+        best = min(keys)
         # Every key left in the heap is a lower bound on its true key (submodularity), so a
         # fresh key no larger than the heap's smallest is the exact greedy choice.
-        picked = not heap or keys[best] <= heap[0]
+        picked = not heap or best <= heap[0]
         if picked:
-            out.append(idx[best])
-            torch.maximum(cov, rows[idx[best] % r], out=cov)
-            cache.drop(idx[best])
-        cache.offer(idx, g, rows, skip=idx[best] if picked else -1)
-        for t, key in enumerate(keys):
-            if not (picked and t == best):
+            out.append(best[1])
+            torch.maximum(cov, source.row(best[1], rows), out=cov)
+            source.drop(best[1])
+        source.offer(idx, [-key[0] for key in keys], rows, skip=best[1] if picked else -1)
+        for key in keys:
+            if not (picked and key is best):
                 heapq.heappush(heap, key)
         del rows
     return out
@@ -409,150 +527,13 @@ def _stochastic(
         for idx in _slot_batches(cand, r):
             rows = pool.kernel_rows(idx)
             by_slot = _gains(rows, cov).tolist()
-            j = min(idx, key=lambda j: (-by_slot[j % r], j))
-            if (-by_slot[j % r], j) < best_key:
-                best_key, best_row = (-by_slot[j % r], j), rows[j % r].clone()
+            key = min((-by_slot[j % r], j) for j in idx)
+            if key < best_key:
+                best_key, best_row = key, rows[key[1] % r].clone()
         out.append(best_key[1])
         available[best_key[1]] = False
         torch.maximum(cov, best_row, out=cov)
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# memory plan
-
-
-@dataclass(frozen=True)
-class HerdingPlan:
-    """How `max_herding` lays out one call: shards, their budgets, the row-cache capacity.
-
-    Attributes:
-        shards: [start, stop) row ranges of z, herded in this order. One range: the exact greedy.
-        budgets: picks per shard (summing to k), proportional to the shard sizes.
-        cache_rows: "lazy" row-cache capacity (kernel rows of n values each; 0: no cache).
-        peak_bytes: estimated peak of the tensors the call allocates, inputs not counted. Under a
-            cap it is at most the cap. Host-side bookkeeping (the lazy heap: about 100 bytes of
-            Python objects per pool point) is not included.
-    """
-
-    shards: tuple[tuple[int, int], ...]
-    budgets: tuple[int, ...]
-    cache_rows: int
-    peak_bytes: int
-
-    @property
-    def exact(self) -> bool:
-        """True when the pool is herded as a whole (no sharding approximation)."""
-        return len(self.shards) == 1
-
-
-def _estimate_bytes(method: str, n: int, d: int, k: int, rows: int, cache: int, itemsize: int, convert: int) -> int:
-    """Upper estimate of the peak bytes `max_herding` allocates for a pool (or shard) of n points.
-
-    Every term is a tensor the code below allocates (checked against a per-allocation tracker in
-    the tests): a float32 copy of a half-precision pool (`convert` bytes per element), the (n,)
-    squared norms and coverage, then the largest of three phases -- the finiteness check of the
-    norms, the coverage from labelled points and earlier picks (R gathered and converted source
-    rows, an (R, n) kernel block and its (n,) max), and the optimiser itself.
-    """
-    e, r = itemsize, rows
-    resident = n * d * convert + 2 * n * e + 8 * k
-    small = 64 * 8 * r + 4096  # index tensors, per-batch gains and norms, flags
-    norms = n * (e + 3)  # the finiteness check of the squared norms: |x| and three masks
-    init = 2 * r * d * e + (r * n + n) * e  # gathered and converted source rows, kernel block, max
-    if method == "lazy":
-        # cache (+ float64 bounds), then at most 3 (R, n) blocks at once (a partly cached batch:
-        # fresh rows, the assembled batch, the gathered cached rows) and one R x D gather.
-        run = cache * (n * e + 8) + (3 * r * n + r * d) * e
-    elif method == "stochastic":
-        # availability mask, nonzero/randperm/gather/sort index tensors, (R, n) rows and gains,
-        # the best row so far (two while it is replaced).
-        run = 49 * n + (2 * r * n + r * d + 2 * n) * e
-    else:  # naive: the whole padded kernel, the concatenated gains
-        n_pad = -(-n // r) * r
-        run = (n_pad * n + 3 * n_pad + r * n + r * d) * e + 9 * n
-    return resident + small + max(norms, init, run)
-
-
-def _apportion(k: int, sizes: Sequence[int]) -> list[int]:
-    """Largest-remainder split of k picks proportionally to `sizes` (ties: lowest index first)."""
-    n = sum(sizes)
-    base = [k * size // n for size in sizes]
-    order = sorted(range(len(sizes)), key=lambda i: (-(k * sizes[i] % n), i))
-    for i in order[: k - sum(base)]:
-        base[i] += 1
-    return base
-
-
-def herding_plan(
-    n: int,
-    d: int,
-    k: int,
-    *,
-    method: str = "lazy",
-    block_size: int = 4096,
-    max_memory_gb: float | None = None,
-    itemsize: int = 4,
-    convert: int = 0,
-) -> HerdingPlan:
-    """The layout `max_herding` uses for an (n, D) pool and k picks (see the module docstring).
-
-    Without a cap: one shard, a row cache of min(block_size, n) rows. With a cap: the largest
-    pool that fits the running state with no cache sets the shard size (one shard when the whole
-    pool fits); the cache then takes whatever the cap leaves over, up to the shard size.
-
-    Args:
-        n, d, k: pool size, feature dimension, picks.
-        method: "naive", "lazy" or "stochastic" ("naive" is never sharded: it needs the n x n
-            kernel, and a cap it cannot meet is an error).
-        block_size: as in `max_herding` (R = min(block_size, EVAL_ROWS) rows per kernel call).
-        max_memory_gb: cap on the bytes the call allocates, in GB (2^30 bytes); None: no cap.
-        itemsize: bytes per value of the computation (4: float32, 8: float64).
-        convert: extra bytes per pool value for a working copy (4 when the pool is half precision).
-
-    Raises:
-        SparsesegError: a cap too small for even one candidate, or a cap "naive" cannot meet.
-    """
-    rows = min(block_size, EVAL_ROWS)
-    if max_memory_gb is None:
-        cache = min(block_size, n) if method == "lazy" else 0
-        return HerdingPlan(((0, n),), (k,), cache, _estimate_bytes(method, n, d, k, rows, cache, itemsize, convert))
-    cap = float(max_memory_gb)
-    if not math.isfinite(cap) or cap <= 0:
-        raise SparsesegError(f"max_memory_gb={max_memory_gb!r}; expected a positive number of GB")
-    cap_bytes = int(cap * GB * 0.99)  # 1% left for allocator rounding (CUDA: 512-byte blocks)
-
-    def need(size: int, cache: int = 0) -> int:
-        return _estimate_bytes(method, size, d, k, rows, cache, itemsize, convert)
-
-    if method == "naive":
-        if need(n) > cap_bytes:
-            raise SparsesegError(
-                f"method='naive' holds the whole {n} x {n} kernel: about {need(n) / GB:.3g} GB > "
-                f"max_memory_gb={max_memory_gb}; use method='lazy' (the same picks) or raise the cap"
-            )
-        return HerdingPlan(((0, n),), (k,), 0, need(n))
-    if need(1) > cap_bytes:
-        raise SparsesegError(
-            f"max_memory_gb={max_memory_gb} is too small for MaxHerding at D={d}: even one candidate "
-            f"needs about {need(1) / GB:.3g} GB; raise the cap"
-        )
-    # Largest shard whose running state fits (need() grows with the size).
-    lo, hi = 1, n
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if need(mid) <= cap_bytes else (lo, mid - 1)
-    count = -(-n // lo)
-    bounds = [i * n // count for i in range(count + 1)]
-    shards = tuple(zip(bounds[:-1], bounds[1:], strict=True))
-    largest = max(stop - start for start, stop in shards)
-    cache = 0
-    if method == "lazy":
-        per_row = largest * itemsize + 8
-        # need(largest, cache) <= need(largest) + cache * per_row <= cap.
-        cache = min(largest, max(0, (cap_bytes - need(largest)) // per_row))
-    budgets = _apportion(k, [stop - start for start, stop in shards])
-    return HerdingPlan(shards, tuple(budgets), cache, need(largest, cache))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -565,7 +546,7 @@ def max_herding(
     sigma: float,
     labelled: torch.Tensor | None = None,
     method: str = "lazy",
-    block_size: int = 4096,
+    block_size: int | None = None,
     generator: torch.Generator | None = None,
     epsilon: float = 0.01,
     max_memory_gb: float | None = None,
@@ -582,20 +563,24 @@ def max_herding(
             gain at every step: O(k·n²) work.
         "lazy": lazy greedy (Minoux) with a heap of stale upper-bound gains, valid because C is
             monotone submodular. Returns exactly the naive picks (same tie-break, bit-identical
-            gains: see the module docstring). Never materialises the (n, n) kernel: kernel rows
-            are computed from the features for R = min(block_size, EVAL_ROWS) candidates at a
-            time, and the rows of the candidates with the highest current bounds are cached
-            (at most block_size of them; with a cap, as many as fit), since lazy greedy refreshes
-            those again and again. Peak extra memory: the row cache, three (R, n) blocks, the (n,)
-            coverage and norms, an n-entry heap on the host.
+            gains: see the module docstring). When the whole call fits the cap (2 GB,
+            DEFAULT_STORE_GB, without one) and block_size is None, it builds the kernel once in
+            TILE_ROWS-row products -- the cost of one kernel pass -- and the greedy only reads
+            it. Otherwise it never materialises the (n, n) kernel: kernel rows are computed for
+            R = min(block_size, EVAL_ROWS) candidates at a time, and the rows of the candidates
+            with the highest current bounds are cached (as many as fit the cap or 2 GB; at most
+            block_size of them when it is given), since lazy greedy refreshes those again and
+            again. Peak extra memory then: the row cache, three (R, n) blocks, the (n,) coverage
+            and norms, an n-entry heap on the host.
         "stochastic": stochastic greedy (Mirzasoleiman et al. 2015). Each step evaluates a
             uniformly random subset of ceil((n/k)·log(1/epsilon)) not-yet-picked candidates,
             drawn with `generator`: (1 - 1/e - epsilon) approximation in expectation,
             O(n²·log(1/epsilon)·D) work in total whatever k is. Memory as "lazy" without cache.
 
     Memory cap: with `max_memory_gb`, the tensors this call allocates stay below the cap (see
-    `herding_plan`). The picks stay exactly those of the uncapped call while the running state
-    fits; below that the pool is sharded, an approximation described in the module docstring.
+    `herding_plan`). While the running state fits, the picks are exactly those of the naive
+    greedy in the same layout; below that the pool is sharded, an approximation described in the
+    module docstring.
 
     Args:
         z: (n, D) floating candidate features (the pool). float16/bfloat16 are computed in float32.
@@ -604,8 +589,9 @@ def max_herding(
         labelled: optional (m, D) features of already-labelled points: they count as covering
             the pool from the start and cannot be picked.
         method: "naive", "lazy" or "stochastic".
-        block_size: speed/memory knob without a cap: the lazy row cache holds at most block_size
-            rows; never more than EVAL_ROWS rows per kernel call.
+        block_size: None (default): the layout follows the memory (dense kernel when it fits).
+            An integer forces the row-cache layout: R = min(block_size, EVAL_ROWS) rows per
+            kernel call, and without a cap at most block_size cached rows.
         generator: torch.Generator for "stochastic" (CPU or on z's device); ignored otherwise.
         epsilon: stochastic-greedy accuracy parameter in (0, 1); ignored otherwise.
         max_memory_gb: cap, in GB (2^30 bytes), on the tensors allocated on z's device beyond the
@@ -628,7 +614,8 @@ def max_herding(
     labelled = _check_labelled(labelled, z)
     if method not in METHODS:
         raise SparsesegError(f"method={method!r}; expected one of {', '.join(METHODS)}")
-    block_size = _check_int(block_size, "block_size", 1)
+    if block_size is not None:
+        block_size = _check_int(block_size, "block_size", 1)
     if method == "stochastic" and not (0.0 < float(epsilon) < 1.0):
         raise SparsesegError(f"epsilon={epsilon!r}; expected a value in (0, 1)")
     if k == 0:
@@ -638,13 +625,12 @@ def max_herding(
     itemsize = torch.empty(0, dtype=dtype).element_size()
     plan = herding_plan(n, d, k, method=method, block_size=block_size, max_memory_gb=max_memory_gb,
                         itemsize=itemsize, convert=itemsize if dtype != z.dtype else 0)
-    rows = min(block_size, EVAL_ROWS)
     picks: list[int] = []
     with torch.no_grad():
         for (start, stop), budget in zip(plan.shards, plan.budgets, strict=True):
             if budget == 0:
                 continue
-            pool = _Pool(z[start:stop].to(dtype), s, rows)  # a view unless converted
+            pool = _Pool(z[start:stop].to(dtype), s, plan.rows, plan.gain_rows, plan.dense)  # a view unless converted
             # Conditioned on every labelled point and every pick of the earlier shards.
             sources: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []
             if labelled is not None:
@@ -655,7 +641,10 @@ def max_herding(
             if method == "naive":
                 local = _naive(pool, budget, cov)
             elif method == "lazy":
-                local = _lazy(pool, budget, cov, plan.cache_rows)
+                source = _DenseRows(pool) if plan.dense else _RowCache(pool, min(plan.cache_rows, pool.n))
+                with _greedy_threads(pool) if plan.dense else nullcontext():
+                    local = _lazy(pool, budget, cov, source)
+                del source
             else:
                 local = _stochastic(pool, budget, cov, float(epsilon), generator)
             picks.extend(start + j for j in local)
@@ -707,5 +696,6 @@ def coverage(
         sources.append(("z", z, idx))
     with torch.no_grad():
         longest = max([1] + [src.shape[0] if i is None else i.numel() for _, src, i in sources])
-        pool = _Pool(z.to(_work_dtype(z)), s, min(block_size, longest))
+        rows = min(block_size, longest)
+        pool = _Pool(z.to(_work_dtype(z)), s, rows, rows)
         return float(_initial_coverage(pool, sources).double().mean())

@@ -36,7 +36,7 @@ from sparseseg.features.store import DETERMINISTIC, FeatureStore, sample_maps
 from sparseseg.labels import PixelLabels
 from sparseseg.seeding import derived_generator, derived_seed
 from sparseseg.selection.coreset import k_center_greedy
-from sparseseg.selection.kernels import median_bandwidth
+from sparseseg.selection.kernels import median_bandwidth, random_projection
 from sparseseg.selection.max_herding import max_herding
 from sparseseg.selection.rules import TopK, balanced_top, power_keys, top_fraction_count
 from sparseseg.selection.scores import (
@@ -228,6 +228,10 @@ class TwoStageStrategy(Strategy):
                 if len(labelled):
                     li = torch.full_like(labelled, image)
                     covered = ctx.store.at_pixels(li, labelled // s, labelled % s)
+                dim = self.config.local_projection
+                if dim is not None and dim < z.shape[1]:  # one projection per run (docs/performance.md)
+                    proj = random_projection(z.shape[1], dim, derived_generator(ctx.seed, "local-projection"))
+                    z, covered = z @ proj, None if covered is None else covered @ proj
                 # seeded by the image's labels, not the round: a cached result equals a recomputed one
                 picked, _ = self._cover(z, min(k, len(cand)), covered, derived_generator(ctx.seed, "sigma", image),
                                         derived_generator(ctx.seed, "local", image, *sorted(key)))
