@@ -44,10 +44,13 @@ _KEYS = {  # the settings each method reads, in the order they appear in its nam
 }
 
 
-def describe(config: SuperpixelConfig) -> str:
+def describe(config: SuperpixelConfig, backbone: str | None = None) -> str:
     """The name recorded with every region: method and the settings it reads, e.g.
-    'superpixel:slic(n_segments=400,compactness=10,sigma=0.5,max_pixels=1024)'."""
+    'superpixel:slic(n_segments=400,compactness=10,sigma=0.5,max_pixels=1024)'; for `feature`, also
+    `backbone` (a tag of the backbone settings: other features give other regions)."""
     settings = ",".join(f"{k}={getattr(config, k):g}" for k in (*_KEYS[config.method], "max_pixels"))
+    if config.method == "feature" and backbone is not None:
+        settings += f",backbone={backbone}"
     return f"superpixel:{config.method}({settings})"
 
 
@@ -100,14 +103,16 @@ class SuperpixelExpander(Expander):
         config: the `superpixel` section.
         features: method `feature` only: the feature store over the images that will be expanded
             (the run's training images, the project's images); `propose` reads it by `image_id`.
+        backbone: method `feature` only: a tag of the backbone settings, part of the name.
     """
 
-    def __init__(self, config: SuperpixelConfig, features: FeatureStore | None = None) -> None:
+    def __init__(self, config: SuperpixelConfig, features: FeatureStore | None = None,
+                 backbone: str | None = None) -> None:
         if config.method == "feature" and features is None:
             raise SparsesegError("superpixel.method=feature needs the backbone's features of the images it expands")
         self.config = config
         self.features = features
-        self.name = describe(config)
+        self.name = describe(config, backbone)
         self._cached: tuple[bytes, np.ndarray] | None = None
         self.segmentations_computed = 0  # how many times an image was segmented (the tests count it)
 
