@@ -6,8 +6,7 @@ answered from the ground truth and expanded exactly as `sparseseg run` expands t
 against the ground truth, region pixels per click, supervised pixels per click after the overlap
 rule, and the accuracy of the region labels after it (`sparseseg.expansion.purity`).
 
-    python experiments/region_purity.py /work/scratch/data/camvid128 --seeds 0,1,2,3,4 --clicks 370 \
-        --config configs/camvid128_effnet.yaml
+    python experiments/region_purity.py data/camvid128 --config configs/camvid128_effnet.yaml
     python experiments/region_purity.py DATA --setting method=slic,n_segments=400 --setting method=felzenszwalb
 
 Without `--setting` it runs the grid below. Method `feature` needs `--config`: an experiment config
@@ -37,15 +36,21 @@ from sparseseg.expansion.registry import build_expander, describe
 from sparseseg.features.store import FeatureStore
 from sparseseg.labels import IGNORE
 
+# Every key its method reads is spelled out, so the grid does not move with the defaults.
+_SLIC = "method=slic,n_segments={n},compactness={c},sigma=0.5,max_pixels=1024"
+_FELZ = "method=felzenszwalb,scale={s},sigma={g},min_size={m},max_pixels={x}"
+_FEATURE = "method=feature,threshold={t},radius={r},max_pixels=1024"
 GRID = [
-    *(f"method=slic,n_segments={n}" for n in (200, 400, 800, 1600)),
-    *(f"method=slic,n_segments=400,compactness={c}" for c in (5, 20)),
-    *(f"method=felzenszwalb,scale={s}" for s in (10, 25, 50, 100, 200)),
-    "method=felzenszwalb,scale=25,min_size=50",
-    "method=felzenszwalb,scale=25,sigma=0.8",
-    *(f"method=felzenszwalb,scale=25,max_pixels={m}" for m in (256, 4096)),
-    *(f"method=feature,threshold={t}" for t in (0.8, 0.85, 0.9, 0.95)),
-    "method=feature,threshold=0.9,radius=32",
+    *(_SLIC.format(n=n, c=10) for n in (200, 400, 800, 1600)),
+    *(_SLIC.format(n=400, c=c) for c in (5, 20)),
+    *(_FELZ.format(s=s, g=0.5, m=20, x=1024) for s in (10, 25, 50, 100, 200)),
+    *(_FELZ.format(s=25, g=0.5, m=m, x=1024) for m in (10, 50)),
+    _FELZ.format(s=25, g=0.8, m=20, x=1024),
+    *(_FELZ.format(s=25, g=0.5, m=20, x=x) for x in (256, 4096, 16384)),
+    *(_FELZ.format(s=s, g=0.5, m=10, x=4096) for s in (10, 25, 50, 100)),
+    *(_FELZ.format(s=s, g=0.5, m=5, x=4096) for s in (25, 10)),
+    *(_FEATURE.format(t=t, r=16) for t in (0.8, 0.85, 0.9, 0.95)),
+    _FEATURE.format(t=0.9, r=32),
 ]
 
 
@@ -81,7 +86,8 @@ def measure(config: SuperpixelConfig, split, seeds: list[int], clicks: int, stor
     answers = split.masks[image, y, x].long()
     regions = expand_clicks(expander, split.images, image, y, x, answers, round=1, tau=0.0)
     truth = split.masks.numpy()
-    return [region_purity(regions.subset(np.arange(k * clicks, (k + 1) * clicks)), truth) for k in range(len(seeds))]
+    return [region_purity(regions.subset(np.arange(k * clicks, (k + 1) * clicks)), truth, config.max_region_pixels,
+                          config.region_weight, seed) for k, seed in enumerate(seeds)]
 
 
 def spread(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
@@ -117,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.data} ({args.split}: {len(split.names)} images, {split.images.shape[1]}x{split.images.shape[1]}, "
               f"{100 * void:.1f}% void); {args.clicks} random clicks x seeds {args.seeds}; mean ± std over seeds\n")
         print("| method | settings | purity (%) | mean region purity (%) | region px/click | supervised px/click "
-              "| label accuracy (%) | s |")
-        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+              "| label accuracy (%) | trained-label accuracy (%) | s |")
+        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for config in settings:
             start = time.perf_counter()
             stats = measure(config, split, seeds, args.clicks, store)
@@ -126,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"| {spread([s.mean_region_purity for s in stats], 100)} "
                   f"| {spread([s.pixels_per_region for s in stats], digits=0)} "
                   f"| {spread([s.supervised_per_click for s in stats], digits=0)} "
-                  f"| {spread([s.label_accuracy for s in stats], 100)} | {time.perf_counter() - start:.0f} |", flush=True)
+                  f"| {spread([s.label_accuracy for s in stats], 100)} "
+                  f"| {spread([s.trained_accuracy for s in stats], 100)} | {time.perf_counter() - start:.0f} |", flush=True)
     except SparsesegError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -104,7 +104,7 @@ def test_grow_takes_the_nearest_pixels_of_the_connected_component(seed):
 # ---------------------------------------------------------------------------- the three methods
 @pytest.mark.parametrize("method", ["slic", "felzenszwalb"])
 def test_region_is_the_superpixel_that_holds_the_click(train, method):
-    config = SuperpixelConfig(method=method, n_segments=30, scale=50, max_pixels=SIZE * SIZE)
+    config = SuperpixelConfig(method=method, n_segments=30, scale=50, min_size=20, max_pixels=SIZE * SIZE)
     image = train.images[0].numpy()
     theirs = (slic(image, n_segments=30, compactness=10.0, sigma=0.5, start_label=0, channel_axis=-1)
               if method == "slic" else felzenszwalb(image, scale=50, sigma=0.5, min_size=20, channel_axis=-1))
@@ -161,10 +161,13 @@ def test_config_names_and_settings(world):
     base = [f"data={world / 'data'}", f"backbone.checkpoint={world / 'adm.pt'}"]
     plain = load_config(None, base)
     assert plain.superpixel == SuperpixelConfig() and expansion_of(plain) is None
+    # the defaults chosen from the purity table (docs/expansion.md)
+    assert expansion_of(load_config(None, [*base, "expansion=superpixel"])).model == \
+        "superpixel:felzenszwalb(scale=25,sigma=0.5,min_size=10,max_pixels=4096)"
     cfg = load_config(None, [*base, "expansion=superpixel", "superpixel.method=felzenszwalb",
                              "superpixel.scale=50", "superpixel.max_region_pixels=8"])
     expansion = expansion_of(cfg)
-    assert expansion.model == "superpixel:felzenszwalb(scale=50,sigma=0.5,min_size=20,max_pixels=1024)"
+    assert expansion.model == "superpixel:felzenszwalb(scale=50,sigma=0.5,min_size=10,max_pixels=4096)"
     assert expansion.tau == 0.0 and expansion.max_region_pixels == 8 and not expansion.needs_features
     assert expansion.record()["method"] == "superpixel" and expansion.record()["scale"] == 50
     assert expansion.record()["superpixel_method"] == "felzenszwalb"
@@ -199,6 +202,9 @@ def test_purity_by_hand():
     # b's: (2,3) 2 ok, (3,2) 3 no, (3,3) 3 no -> 1 of 3
     assert (got.supervised_regions, got.supervised_judged, got.supervised_correct) == (9, 9, 5)
     assert got.supervised_per_click == pytest.approx((2 + 9) / 3) and got.label_accuracy == pytest.approx(5 / 9)
+    # every owned pixel is drawn (R = 32); each click's draw weighs 1: (4/6 of a) + (1/3 of b) out of 2
+    assert got.trained_accuracy == pytest.approx((4 / 6 + 1 / 3) / 2)
+    assert np.isnan(region_purity(regions, truth, max_region_pixels=0).trained_accuracy)
     resolved = resolve(regions, clicked_pixels(torch.tensor([0, 0, 0]), torch.tensor([0, 1, 3]),
                                                torch.tensor([0, 3, 0]), 4))
     assert len(resolved) == got.supervised_regions
@@ -221,7 +227,7 @@ def test_purity_script_prints_its_table(world, capsys):
 
     assert main([str(world / "data"), "--seeds", "0,1", "--clicks", "20", "--setting", "method=slic,n_segments=20"]) == 0
     out = capsys.readouterr().out
-    assert "| slic | n_segments=20, compactness=10, sigma=0.5, max_pixels=1024 |" in out
+    assert "| slic | n_segments=20, compactness=10, sigma=0.5, max_pixels=4096 |" in out
     assert main([str(world / "data"), "--setting", "method=feature"]) == 2  # no --config for the backbone
 
 
@@ -230,7 +236,8 @@ def _config(world, out, *extra):
     return load_config(None, [f"data={world / 'data'}", f"out={out}", f"backbone.checkpoint={world / 'adm.pt'}",
                               "rounds=2", "budget=4", "strategy.name=entropy", "strategy.pixels_per_image=64",
                               "features.noise_samples=1", "head.epochs=10", "preview_images=2",
-                              "expansion=superpixel", "superpixel.n_segments=30", "superpixel.max_region_pixels=6",
+                              "expansion=superpixel", "superpixel.method=slic", "superpixel.n_segments=30",
+                              "superpixel.max_region_pixels=6",
                               "superpixel.region_weight=2", *extra])
 
 
@@ -243,7 +250,7 @@ def whole(world):
 def test_run_writes_regions_and_counts_like_sam(world, train, whole):
     exp, records = whole
     out = world / "whole"
-    model = "superpixel:slic(n_segments=30,compactness=10,sigma=0.5,max_pixels=1024)"
+    model = "superpixel:slic(n_segments=30,compactness=10,sigma=0.5,max_pixels=4096)"
     regions = RegionSet.empty(SIZE)
     labels = (out / "labels.csv").read_text().splitlines()[1:]
     for r, record in enumerate(records, start=1):
@@ -321,7 +328,7 @@ def test_a_feature_space_run_grows_regions_within_the_threshold(world):
     stored, name, _ = RegionSet.load_npz(world / "feature" / "regions" / "round_01.npz")
     # the features depend on the backbone, so its settings are part of the name (where it runs is not)
     tag = backbone_tag(exp.config.backbone)
-    assert name == f"superpixel:feature(threshold=0.9,radius=4,max_pixels=1024,backbone={tag})" == exp.expansion.model
+    assert name == f"superpixel:feature(threshold=0.9,radius=4,max_pixels=4096,backbone={tag})" == exp.expansion.model
     assert tag.startswith("adm#") and tag == backbone_tag(exp.config.backbone.model_copy(update={"device": "cuda"}))
     assert tag != backbone_tag(exp.config.backbone.model_copy(update={"timesteps": (10,)}))
     for i in np.nonzero(stored.kept)[0]:
@@ -344,7 +351,7 @@ def test_project_stores_trains_on_and_draws_superpixel_regions(world, tmp_path):
                 "superpixel.scale=50", "superpixel.max_pixels=40", "superpixel.max_region_pixels=5"]
     proj = init_project(root, world / "data" / "train" / "images", tmp_path / "classes.txt", size=SIZE,
                         overrides=settings, backbone={"checkpoint": str(world / "adm.pt")})
-    model = "superpixel:felzenszwalb(scale=50,sigma=0.5,min_size=20,max_pixels=40)"
+    model = "superpixel:felzenszwalb(scale=50,sigma=0.5,min_size=10,max_pixels=40)"
     proj.query()
     queries = [line.split(",") for line in (round_dir(root, 1) / "queries.csv").read_text().splitlines()[1:]]
     answers = tmp_path / "a.csv"
@@ -361,7 +368,7 @@ def test_project_stores_trains_on_and_draws_superpixel_regions(world, tmp_path):
         assert r[1:5] == (model, 0.0, 1.0, 1)
         mask = np.asarray(Image.open(io.BytesIO(r[6])))
         image = np.asarray(read_rgb(root / "data" / "train" / "images" / f"{q[1]}.png"))
-        theirs = felzenszwalb(image, scale=50, sigma=0.5, min_size=20, channel_axis=-1)
+        theirs = felzenszwalb(image, scale=50, sigma=0.5, min_size=10, channel_axis=-1)
         y, x = int(q[3]), int(q[2])
         segment = theirs == theirs[y, x]
         assert mask.shape == (SIZE, SIZE) and int(mask.sum()) == r[5] == min(40, int(segment.sum()))

@@ -13,6 +13,10 @@ Definitions (void ground-truth pixels are left out of every fraction):
   rule) / clicks, void clicks included, as `supervised_pixels / clicks` in rounds.jsonl.
 * **label accuracy**: over the region pixels after the overlap rule (the labels the head is given
   beyond the clicks), the fraction whose assigned class is the true one.
+* **trained-label accuracy**: the same over the region pixels drawn for training (at most R per
+  click, `training_pixels`), weighted by their loss weights: every click's draw weighs w whatever
+  its region's size, so this is what the head is taught, and a small impure region counts as much
+  as a large pure one.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sparseseg.expansion.regions import RegionSet, clicked_pixels, resolve
+from sparseseg.expansion.regions import RegionSet, clicked_pixels, resolve, training_pixels
 from sparseseg.labels import IGNORE
 from sparseseg.seeding import derived_generator
 
@@ -42,6 +46,8 @@ class Purity:
     supervised_regions: int  # region pixels after the overlap rule
     supervised_judged: int  # of those, with a non-void true class
     supervised_correct: int  # of those, labelled with their true class
+    trained_weight: float  # loss weight of the drawn region pixels with a non-void true class
+    trained_correct_weight: float  # of it, on pixels labelled with their true class
 
     @property
     def purity(self) -> float:
@@ -63,14 +69,20 @@ class Purity:
     def label_accuracy(self) -> float:
         return self.supervised_correct / self.supervised_judged if self.supervised_judged else float("nan")
 
+    @property
+    def trained_accuracy(self) -> float:
+        return self.trained_correct_weight / self.trained_weight if self.trained_weight else float("nan")
 
-def region_purity(regions: RegionSet, truth: np.ndarray) -> Purity:
+
+def region_purity(regions: RegionSet, truth: np.ndarray, max_region_pixels: int = 32, region_weight: float = 1.0,
+                  seed: int = 0) -> Purity:
     """Purity figures of one set of clicks and their regions.
 
     Args:
         regions: one record per click (`expand_clicks`), `cls` being the click's answer; every click
             counts as clicked for the overlap rule.
         truth: (N, S, S) integer ground truth of the images the records index, void = IGNORE.
+        max_region_pixels, region_weight, seed: the training draw (R, w and the run seed).
     """
     truth = np.asarray(truth)
     region_pixels = judged = pure = judged_regions = 0
@@ -89,9 +101,14 @@ def region_purity(regions: RegionSet, truth: np.ndarray) -> Purity:
     resolved = resolve(regions, clicked_pixels(*ids, regions.size))
     true = truth[resolved.image, resolved.y, resolved.x] if len(resolved) else np.zeros(0, dtype=np.int64)
     valid = true != IGNORE
+    drawn = training_pixels(resolved, regions, max_region_pixels, region_weight, seed)
+    drawn_true = torch.from_numpy(truth[drawn.image.numpy(), drawn.y.numpy(), drawn.x.numpy()].astype(np.int64))
+    drawn_valid = drawn_true != IGNORE
+    weight = drawn.weight.double()
     return Purity(len(regions), int((regions.cls != IGNORE).sum()), int(regions.kept.sum()), region_pixels, judged,
                   pure, judged_regions, purity_sum, len(resolved), int(valid.sum()),
-                  int((true[valid] == resolved.cls[valid]).sum()))
+                  int((true[valid] == resolved.cls[valid]).sum()), float(weight[drawn_valid].sum()),
+                  float(weight[drawn_valid & (drawn_true == drawn.cls)].sum()))
 
 
 def random_clicks(num_images: int, size: int, clicks: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
