@@ -20,7 +20,8 @@ from PIL import Image
 from scipy import ndimage
 from skimage.segmentation import felzenszwalb, slic
 
-from sparseseg.annotate.project import init_project, round_dir
+from sparseseg.annotate.init import init_project
+from sparseseg.annotate.layout import round_dir
 from sparseseg.annotate.review import crosshair_image
 from sparseseg.annotate.store import DB_FILE
 from sparseseg.config import SuperpixelConfig, load_config
@@ -235,7 +236,7 @@ def test_purity_script_prints_its_table(world, capsys):
 def _config(world, out, *extra):
     return load_config(None, [f"data={world / 'data'}", f"out={out}", f"backbone.checkpoint={world / 'adm.pt'}",
                               "rounds=2", "budget=4", "strategy.name=entropy", "strategy.pixels_per_image=64",
-                              "features.noise_samples=1", "head.epochs=10", "preview_images=2",
+                              "strategy.noise_samples=1", "head.epochs=10", "preview_images=2",
                               "expansion=superpixel", "superpixel.method=slic", "superpixel.n_segments=30",
                               "superpixel.max_region_pixels=6",
                               "superpixel.region_weight=2", *extra])
@@ -282,13 +283,11 @@ def test_run_writes_regions_and_counts_like_sam(world, train, whole):
 
 def test_preview_tints_exactly_the_region_pixels(world, whole, tmp_path):
     exp, _ = whole
-    assert exp.resolved is not None and len(exp.resolved)
-    save_preview(tmp_path / "tinted.png", exp, 2)
-    resolved, exp.resolved = exp.resolved, None
-    try:
-        save_preview(tmp_path / "plain.png", exp, 2)
-    finally:
-        exp.resolved = resolved
+    resolved = exp.resolved
+    assert resolved is not None and len(resolved)
+    args = (2, exp.labels, exp.train.images, exp.train.masks, exp.meta.palette, 2, exp.predict)
+    save_preview(tmp_path / "tinted.png", *args, resolved)
+    save_preview(tmp_path / "plain.png", *args, None)
     tinted = np.asarray(Image.open(tmp_path / "tinted.png").convert("RGB")).astype(int)
     plain = np.asarray(Image.open(tmp_path / "plain.png").convert("RGB")).astype(int)
     scale = PANEL // SIZE
@@ -328,7 +327,7 @@ def test_a_feature_space_run_grows_regions_within_the_threshold(world):
     stored, name, _ = RegionSet.load_npz(world / "feature" / "regions" / "round_01.npz")
     # the features depend on the backbone, so its settings are part of the name (where it runs is not)
     tag = backbone_tag(exp.config.backbone)
-    assert name == f"superpixel:feature(threshold=0.9,radius=4,max_pixels=4096,backbone={tag})" == exp.expansion.model
+    assert name == f"superpixel:feature(threshold=0.9,radius=4,max_pixels=4096,backbone={tag})" == exp.engine.expansion.model
     assert tag.startswith("adm#") and tag == backbone_tag(exp.config.backbone.model_copy(update={"device": "cuda"}))
     assert tag != backbone_tag(exp.config.backbone.model_copy(update={"timesteps": (10,)}))
     for i in np.nonzero(stored.kept)[0]:
@@ -346,7 +345,7 @@ def test_a_feature_space_run_grows_regions_within_the_threshold(world):
 def test_project_stores_trains_on_and_draws_superpixel_regions(world, tmp_path):
     root = tmp_path / "proj"
     (tmp_path / "classes.txt").write_text("\n".join(SYNTHETIC_CLASSES) + "\n")
-    settings = ["budget=3", "strategy.candidates_per_image=64", "strategy.k_per_image=5", "features.noise_samples=1",
+    settings = ["budget=3", "strategy.candidates_per_image=64", "strategy.k_per_image=5", "strategy.noise_samples=1",
                 "head.epochs=10", "backbone.device=cpu", "expansion=superpixel", "superpixel.method=felzenszwalb",
                 "superpixel.scale=50", "superpixel.max_pixels=40", "superpixel.max_region_pixels=5"]
     proj = init_project(root, world / "data" / "train" / "images", tmp_path / "classes.txt", size=SIZE,
