@@ -27,8 +27,7 @@ import torch
 from pydantic import ValidationError
 
 from sparseseg.config import SuperpixelConfig, load_config
-from sparseseg.data.dataset import load_split
-from sparseseg.device import resolve_device
+from sparseseg.data.dataset import load_meta, load_split
 from sparseseg.errors import SparsesegError
 from sparseseg.expansion.purity import Purity, random_clicks, region_purity
 from sparseseg.expansion.regions import expand_clicks
@@ -69,13 +68,14 @@ def label(config: SuperpixelConfig) -> str:
     return describe(config).split("(", 1)[1].rstrip(")").replace(",", ", ")
 
 
-def feature_store(path: Path, data: Path, split, device: torch.device) -> FeatureStore:
-    from sparseseg.loop.experiment import load_backbone
+def feature_store(path: Path, data: Path, split) -> FeatureStore:
+    """The run's training-split feature store under the backbone of the experiment config at `path`."""
+    from sparseseg.loop.engine import Engine
 
     config = load_config(path, [f"data={data}"])
-    backbone = load_backbone(config, device)
-    return FeatureStore(backbone, split.images, config.seed, config.train_split, config.features.cache_gb,
-                        config.backbone.batch_size, device)
+    meta = load_meta(data)
+    engine = Engine(config, meta.classes, default_size=meta.size)
+    return engine.stores({config.train_split: split.images})[config.train_split]
 
 
 def measure(config: SuperpixelConfig, split, seeds: list[int], clicks: int, store: FeatureStore | None) -> list[Purity]:
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         if any(s.method == "feature" for s in settings):
             if args.config is None:
                 raise SparsesegError("method=feature needs --config: an experiment config that names the backbone")
-            store = feature_store(args.config, args.data, split, resolve_device("auto"))
+            store = feature_store(args.config, args.data, split)
         void = float((split.masks == IGNORE).float().mean())
         print(f"{args.data} ({args.split}: {len(split.names)} images, {split.images.shape[1]}x{split.images.shape[1]}, "
               f"{100 * void:.1f}% void); {args.clicks} random clicks x seeds {args.seeds}; mean ± std over seeds\n")

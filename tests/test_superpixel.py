@@ -230,6 +230,11 @@ def test_purity_script_prints_its_table(world, capsys):
     out = capsys.readouterr().out
     assert "| slic | n_segments=20, compactness=10, sigma=0.5, max_pixels=4096 |" in out
     assert main([str(world / "data"), "--setting", "method=feature"]) == 2  # no --config for the backbone
+    config = world / "purity.yaml"
+    config.write_text(f"data: {world / 'data'}\nbackbone:\n  checkpoint: {world / 'adm.pt'}\n")
+    assert main([str(world / "data"), "--seeds", "0", "--clicks", "10", "--config", str(config),
+                 "--setting", "method=feature,threshold=0.5,radius=3"]) == 0
+    assert "| feature | threshold=0.5, radius=3, max_pixels=4096 |" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------- the simulated loop
