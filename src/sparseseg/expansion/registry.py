@@ -80,7 +80,7 @@ def describe(config: SamExpansionConfig | SuperpixelConfig, backbone: str | None
 
 
 def backbone_tag(config: BackboneConfig) -> str:
-    """A short tag of the settings that fix the backbone's features, e.g. 'adm#1f0c3a9e' (the hash
+    """A short tag of the settings that fix the backbone's features, 'NAME#HASH' (8 hex digits; the hash
     leaves out where and how fast it runs)."""
     settings = config.model_dump(mode="json", exclude={"device", "batch_size"})
     return f"{config.name}#{hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]}"
