@@ -168,7 +168,7 @@ class Engine:
         trainable = clicks.subset(clicks.trainable())
         if regions is None:
             return TrainingSet(trainable)
-        expansion = self.expansion
+        expansion = self.expansion or Expansion("sam", self.settings.sam)  # regions handed in without expansion
         resolved = resolve(regions, clicked_pixels(clicks.image, clicks.y, clicks.x, size))
         drawn = training_pixels(resolved, regions, expansion.max_region_pixels, expansion.region_weight,
                                 self.settings.seed)
