@@ -25,7 +25,8 @@ from sparseseg.annotate.layout import round_dir
 from sparseseg.annotate.review import crosshair_image
 from sparseseg.annotate.store import DB_FILE
 from sparseseg.config import SuperpixelConfig, load_config
-from sparseseg.data.dataset import load_split, read_rgb
+from sparseseg.data.dataset import load_split
+from sparseseg.data.readers import read_image
 from sparseseg.data.synthetic import SYNTHETIC_CLASSES, make_synthetic
 from sparseseg.errors import SparsesegError
 from sparseseg.expansion.purity import random_clicks, region_purity
@@ -371,7 +372,7 @@ def test_project_stores_trains_on_and_draws_superpixel_regions(world, tmp_path):
     for r, q in zip(rows, queries[1:], strict=True):
         assert r[1:5] == (model, 0.0, 1.0, 1)
         mask = np.asarray(Image.open(io.BytesIO(r[6])))
-        image = np.asarray(read_rgb(root / "data" / "train" / "images" / f"{q[1]}.png"))
+        image = np.asarray(read_image(root / "data" / "train" / "images" / f"{q[1]}.png"))
         theirs = felzenszwalb(image, scale=50, sigma=0.5, min_size=10, channel_axis=-1)
         y, x = int(q[3]), int(q[2])
         segment = theirs == theirs[y, x]
@@ -384,7 +385,7 @@ def test_project_stores_trains_on_and_draws_superpixel_regions(world, tmp_path):
     second = proj.query()
     resolved = proj.resolved_regions()[1]
     for name in {p.stem for p in (round_dir(root, second.round) / "review").iterdir()}:
-        rgb = np.asarray(read_rgb(root / "data" / "train" / "images" / f"{name}.png"))
+        rgb = np.asarray(read_image(root / "data" / "train" / "images" / f"{name}.png"))
         points = [(int(q[0]), int(q[3]), int(q[2])) for q in
                   (line.split(",") for line in (round_dir(root, second.round) / "queries.csv").read_text().splitlines()[1:])
                   if q[1] == name]
