@@ -145,6 +145,28 @@ class SamExpansionConfig(_Frozen):
         return self
 
 
+class SuperpixelConfig(_Frozen):
+    """Pixel-to-region expansion from the image alone, without SAM weights (docs/expansion.md): a
+    click's region is its superpixel (SLIC or Felzenszwalb), or the pixels around it whose backbone
+    feature is close to its own. Nothing here is drawn at random: the same image and settings
+    always give the same regions. Defaults: chosen on CamVid's training split at 128x128 (the purity
+    table in docs/expansion.md)."""
+
+    # --- how a click's region is found ---
+    method: Literal["slic", "felzenszwalb", "feature"] = "felzenszwalb"
+    n_segments: int = Field(400, ge=2)  # slic: about this many superpixels per image
+    compactness: float = Field(10.0, gt=0)  # slic: weight of space against colour (CIELAB); higher: squarer
+    sigma: float = Field(0.5, ge=0)  # slic, felzenszwalb: Gaussian smoothing (pixels) before segmenting
+    scale: float = Field(25.0, gt=0)  # felzenszwalb: higher gives larger segments
+    min_size: int = Field(10, ge=1)  # felzenszwalb: smallest segment (pixels)
+    threshold: float = Field(0.9, ge=-1, le=1)  # feature: least cosine similarity to the click's feature
+    radius: int = Field(16, ge=1)  # feature: candidates lie within this many pixels of the click (a square)
+    max_pixels: int = Field(4096, ge=1)  # a larger region is cut to the max_pixels nearest the click
+    # --- how regions are trained on (as sam.*) ---
+    max_region_pixels: int = Field(32, ge=0)  # R: region pixels per click drawn for training (0: none)
+    region_weight: float = Field(1.0, ge=0)  # w: total loss weight of one click's region pixels (a click weighs 1)
+
+
 def _moved_noise_samples(tree: Any) -> Any:
     """Configs written before noise_samples moved to the strategy say `features.noise_samples`."""
     if not isinstance(tree, dict) or not isinstance(tree.get("features"), dict) or "noise_samples" not in tree["features"]:
@@ -200,8 +222,9 @@ class RoundSettings(_Frozen):
     features: FeatureConfig = FeatureConfig()
     head: HeadConfig = HeadConfig()
     strategy: StrategyConfig = StrategyConfig()
-    expansion: Literal["none", "sam"] = "none"  # sam: each click's region labelled too (docs/expansion.md)
+    expansion: Literal["none", "sam", "superpixel"] = "none"  # each click's region labelled too (docs/expansion.md)
     sam: SamExpansionConfig = SamExpansionConfig()  # read only with expansion=sam (so one --set serves a sweep)
+    superpixel: SuperpixelConfig = SuperpixelConfig()  # read only with expansion=superpixel
 
     _migrate = model_validator(mode="before")(_moved_noise_samples)
 

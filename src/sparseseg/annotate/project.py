@@ -80,7 +80,7 @@ class ImportResult:
     skips: int = 0
     already: tuple[int, str, str] | None = None  # (import id, file, time) of an identical earlier import
     import_id: int | None = None
-    regions: int = 0  # with expansion: clicks newly expanded by SAM after the import
+    regions: int = 0  # with expansion: clicks newly expanded after the import
     expansion_error: str | None = None  # why expansion failed (the answers are imported all the same)
 
 
@@ -164,9 +164,10 @@ class Project:
         return self.config.expansion != "none"
 
     def _region_model(self) -> tuple[str, float]:
-        from sparseseg.expansion.registry import describe
+        from sparseseg.expansion.registry import expansion_of
 
-        return describe(self.config.sam), self.config.sam.tau
+        expansion = expansion_of(self.config)
+        return expansion.model, expansion.tau
 
     def expand_regions(self, progress: Progress | None = None) -> int:
         """Expand every answered (non-skip) click that has no region under the configured (model, tau)
@@ -180,12 +181,15 @@ class Project:
         return expand_new_clicks(self.store, self._expander, self._working_images, *self._region_model(), progress)
 
     def _expander(self):
-        if self._engine is not None:
-            return self._engine.expander
-        from sparseseg.device import resolve_device
-        from sparseseg.expansion.registry import build_expander
+        from sparseseg.expansion.registry import expansion_of
 
-        return build_expander(self.config.sam, resolve_device(self.config.backbone.device))
+        expansion = expansion_of(self.config)
+        if self._engine is not None or expansion.needs_features:  # regions grown in feature space need the backbone
+            engine, features = self.engine()
+            return engine.expander(features)
+        from sparseseg.device import resolve_device
+
+        return expansion.build(resolve_device(self.config.backbone.device))
 
     def resolved_regions(self, snap: Snapshot | None = None) -> tuple[RegionSet, Resolved] | None:
         """The stored regions and their pixels after the overlap rule (every queried pixel, answered,
@@ -209,7 +213,7 @@ class Project:
             extra = data.regions
             state["regions"] = torch.stack([extra.image, extra.y, extra.x, extra.cls]).T.tolist()
             state["region_weights"] = [round(float(w), 9) for w in extra.weight]
-            state["sam"] = self.config.sam.model_dump(mode="json")
+            state[self.config.expansion] = getattr(self.config, self.config.expansion).model_dump(mode="json")
         return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
 
     def head(self, snap: Snapshot | None = None, progress: Progress | None = None) -> tuple[torch.nn.Module | None, TrainResult | None]:

@@ -95,9 +95,9 @@ def import_(
     _say(f"{file} ({result.format}): {result.new} new answers ({result.skips} of them '{SKIP_LABEL}'), "
          f"{result.replaced} replaced, {result.unchanged} unchanged, {result.unanswered} points still unanswered")
     if result.regions:
-        _say(f"SAM expanded {result.regions} answered clicks into regions (sparseseg status shows them)")
+        _say(f"expanded {result.regions} answered clicks into regions (sparseseg status shows them)")
     if result.expansion_error:
-        err_console.print(f"warning: answers imported, but SAM expansion failed: {result.expansion_error}; "
+        err_console.print(f"warning: answers imported, but expansion failed: {result.expansion_error}; "
                                  "`sparseseg train` tries again", markup=False, highlight=False, soft_wrap=True)
 
 
@@ -130,7 +130,7 @@ def train(project: ProjectArg) -> None:
     with progress_bars() as update:
         result = Project(project).train(progress=update)
     what = "trained" if result.retrained else "up to date"
-    regions = (f" + {result.region_pixels} SAM region pixels ({result.training_region_pixels} drawn for training)"
+    regions = (f" + {result.region_pixels} region pixels ({result.training_region_pixels} drawn for training)"
                if result.region_pixels else "")
     _say(f"head {what}: {result.pixels} labelled pixels{regions}, classes {', '.join(result.classes_seen)}; "
          f"training accuracy {100 * result.accuracy:.1f}% on the clicks; {result.path}")
@@ -186,7 +186,7 @@ def status(
     hist.add_row("(unsure)", str(info["skipped"]))
     console.print(hist)
     if info["regions"]:
-        regions = Table(title=f"SAM regions (expansion: {info['expansion']})")
+        regions = Table(title=f"regions (expansion: {info['expansion']})")
         for col in ("model", "tau", "expanded", "kept", "pixels"):
             regions.add_column(col, justify="left" if col == "model" else "right")
         for r in info["regions"]:

@@ -39,9 +39,10 @@ def simulate_cmd(
 def from_run_cmd(
     run: Annotated[Path, typer.Argument(help="A run directory of `sparseseg run`.")],
     out: Annotated[Path, typer.Option(help="Scribble folder to write.")],
-    regions: Annotated[bool, typer.Option(help="Also scribble the clicks' SAM regions (expansion=sam).")] = True,
+    regions: Annotated[bool, typer.Option(
+        help="Also scribble the clicks' regions (expansion=sam or superpixel).")] = True,
 ) -> None:
-    """Turn a run's labelled pixels (and SAM regions) into scribble maps."""
+    """Turn a run's labelled pixels (and their regions) into scribble maps."""
     from sparseseg.scribbles.from_labels import scribbles_from_run
 
     n = scribbles_from_run(run, out, regions)

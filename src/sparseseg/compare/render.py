@@ -74,10 +74,10 @@ def render_markdown(cmp: Comparison) -> str:
         lines += ["", f"`paper`: the published figure for {paper.DATASET_TITLES[cmp.dataset]} under the same "
                   "strategy name (table in brackets), which assumes the rest of the config is the paper's."]
     if any(cmp.expanded(p) for p in cmp.points()):
-        lines += ["", "Runs with `expansion: sam` expand each click into a SAM region: `labelled` counts clicks "
-                  "(the budget), `supervised` the pixels with a label after the last round (clicked pixels "
-                  "with a class plus region pixels, mean over seeds); their `paper` figure is Table 9's "
-                  "\"w/ SAM\" column."]
+        lines += ["", "Runs with expansion (`sam`, `superpixel`) expand each click into a region: `labelled` counts "
+                  "clicks (the budget), `supervised` the pixels with a label after the last round (clicked pixels "
+                  "with a class plus region pixels, mean over seeds); the `paper` figure of `sam` runs is "
+                  "Table 9's \"w/ SAM\" column."]
     for point in cmp.points():
         lines += ["", f"## {point_dir(point)}"] if point else []
         lines += _final_markdown(cmp, point)

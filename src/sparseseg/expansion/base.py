@@ -1,6 +1,7 @@
-"""Pixel-to-region expansion: the interface every SAM backend implements, and SAM's geometry.
+"""Pixel-to-region expansion: the interface every backend implements (`Expander.propose`: clicks of
+one image -> proposals), and the geometry every SAM backend shares.
 
-A backend only encodes an image and decodes point prompts (`Expander.embed`, `Expander.decode`);
+A SAM backend only encodes an image and decodes point prompts (`SamExpander.embed`, `.decode`);
 everything that decides *where* a prompt lands and *which* pixels a mask covers lives here, once,
 for every backend:
 
@@ -102,20 +103,37 @@ def choose(masks: np.ndarray, scores: np.ndarray, tau: float) -> Choice:
 # ---------------------------------------------------------------------------- the interface
 @dataclass
 class Proposals:
-    """SAM's answer to one image's point prompts: (n, K, H, W) bool masks and (n, K) predicted IoUs."""
+    """A backend's answer to one image's clicks: (n, K, H, W) bool masks and (n, K) scores (SAM: its
+    K = 3 proposals and their predicted IoUs; superpixels: K = 1, score 1)."""
 
     masks: np.ndarray
     scores: np.ndarray
 
 
 class Expander(ABC):
-    """A SAM behind one interface: an image encoder run once per image, a prompt decoder per click.
+    """Anything that turns the clicks of one image into region proposals (SAM, superpixels).
 
-    Subclasses set `name` (recorded with every region: which model produced it), `longest` (the side
-    SAM resizes images to) and `device`, and implement `embed` and `decode`.
+    Subclasses set `name`, recorded with every region: which model and settings produced it.
     """
 
     name: str
+
+    @abstractmethod
+    def propose(self, image: np.ndarray, ys: np.ndarray, xs: np.ndarray, image_id: int | None = None) -> Proposals:
+        """Proposals for the clicks (ys[i], xs[i]) of one (H, W, 3) uint8 image, masks at (H, W).
+
+        `image_id` indexes the image in the feature store a backend was built with (the feature-space
+        backend reads pixel features by it); the others ignore it.
+        """
+
+
+class SamExpander(Expander):
+    """A SAM behind one interface: an image encoder run once per image, a prompt decoder per click.
+
+    Subclasses set `name`, `longest` (the side SAM resizes images to) and `device`, and implement
+    `embed` and `decode`.
+    """
+
     longest: int
     device: torch.device
 
@@ -141,7 +159,7 @@ class Expander(ABC):
         return self._cached[1]
 
     @torch.no_grad()
-    def propose(self, image: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> Proposals:
+    def propose(self, image: np.ndarray, ys: np.ndarray, xs: np.ndarray, image_id: int | None = None) -> Proposals:
         """Every click (ys[i], xs[i]) of one (H, W, 3) uint8 image as one positive point prompt.
 
         The image is encoded once for all its clicks. Masks are returned at the image's own

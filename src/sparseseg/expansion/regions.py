@@ -1,10 +1,11 @@
-"""Regions of clicks: which SAM masks were kept, how overlaps are settled, which pixels are trained on.
+"""Regions of clicks: which masks were kept, how overlaps are settled, which pixels are trained on.
 
 The rules (docs/expansion.md):
 
 * **Tau.** Each answered click is one positive point prompt; SAM's best proposal (highest predicted
   IoU, clamped to [0, 1]) is kept when its score is >= tau, else the click stays a single pixel.
-  A void ("cannot tell") click is not expanded.
+  A superpixel region has score 1 and tau 0: it is always kept. A void ("cannot tell") click is not
+  expanded.
 * **Inheritance.** A kept region takes the class the annotator (or the oracle) gave its click.
 * **Overlaps.** A clicked pixel always keeps its own answer (void included) and belongs to no
   region. Any other pixel covered by regions of two or more different classes is left unlabelled;
@@ -79,10 +80,13 @@ class RegionSet:
         fields = ("image", "y", "x", "cls", "round", "score", "kept", "masks")
         return RegionSet(self.size, *(np.concatenate([getattr(self, f), getattr(other, f)]) for f in fields))
 
-    def upto(self, round: int) -> RegionSet:
-        keep = self.round <= round
+    def subset(self, keep: np.ndarray) -> RegionSet:
+        """The records selected by `keep` ((n,) bool or indices), in their order."""
         return RegionSet(self.size, self.image[keep], self.y[keep], self.x[keep], self.cls[keep], self.round[keep],
                          self.score[keep], self.kept[keep], self.masks[keep])
+
+    def upto(self, round: int) -> RegionSet:
+        return self.subset(self.round <= round)
 
     # ------------------------------------------------------------------ files
     def save_npz(self, path: Path, model: str, tau: float) -> None:
@@ -141,8 +145,9 @@ def expand_clicks(
     """Expand one round's answered clicks into regions (void clicks are recorded, not expanded).
 
     Args:
-        expander: the SAM backend.
+        expander: the backend (SAM or superpixels).
         images: (N, S, S, 3) uint8, the images at the working resolution; masks come back at it.
+            An image's index here is the `image_id` the backend is given.
         image, y, x, cls: (n,) the clicks and their answers, in click order.
         round: recorded with every record.
         tau: the keep threshold on the clamped predicted IoU.
@@ -159,7 +164,7 @@ def expand_clicks(
     for done, img in enumerate(todo, start=1):
         idx = np.nonzero((image == img) & (cls != IGNORE))[0]
         picture = np.asarray(images[img].numpy() if isinstance(images, torch.Tensor) else images[img])
-        proposals = expander.propose(picture, y[idx], x[idx])
+        proposals = expander.propose(picture, y[idx], x[idx], image_id=img)
         for j, i in enumerate(idx):
             choice = choose(proposals.masks[j], proposals.scores[j], tau)
             score[i] = choice.score

@@ -16,7 +16,7 @@ import torch
 
 from sparseseg.config import DEFAULT_SAM_HUB_ID, SamExpansionConfig
 from sparseseg.errors import SparsesegError, one_line
-from sparseseg.expansion.base import Expander, resized_shape
+from sparseseg.expansion.base import SamExpander, resized_shape
 
 
 def _image_processor(longest: int):
@@ -28,8 +28,8 @@ def _image_processor(longest: int):
                      do_resize=True, do_pad=True, do_normalize=True, do_rescale=True)
 
 
-class TransformersSam(Expander):
-    """A `transformers.SamModel` as an `Expander`.
+class TransformersSam(SamExpander):
+    """A `transformers.SamModel` as a `SamExpander`.
 
     Args:
         model: a SamModel (pretrained, or built from a small config in tests).

@@ -25,7 +25,7 @@ from PIL import Image
 
 from sparseseg.config import SamExpansionConfig
 from sparseseg.errors import SparsesegError, one_line
-from sparseseg.expansion.base import Expander, resized_shape
+from sparseseg.expansion.base import SamExpander, resized_shape
 
 DOWNLOAD_TIMEOUT_S = 60
 # The checkpoints' official download addresses (the segment-anything README's "Model Checkpoints").
@@ -79,8 +79,8 @@ def _build_module():
             sys.modules["segment_anything"] = previous
 
 
-class OfficialSam(Expander):
-    """A `segment_anything.modeling.Sam` as an `Expander`.
+class OfficialSam(SamExpander):
+    """A `segment_anything.modeling.Sam` as a `SamExpander`.
 
     Args:
         sam: a Sam model (from `build_sam`, or built small in tests).

@@ -27,6 +27,7 @@ from torch import nn
 from sparseseg.backbones.registry import build_backbone
 from sparseseg.config import RoundSettings
 from sparseseg.device import resolve_device
+from sparseseg.expansion.base import Expander
 from sparseseg.expansion.regions import (
     RegionSet,
     Resolved,
@@ -35,6 +36,7 @@ from sparseseg.expansion.regions import (
     resolve,
     training_pixels,
 )
+from sparseseg.expansion.registry import Expansion, expansion_of
 from sparseseg.features.store import DETERMINISTIC, FeatureStore, build_stores
 from sparseseg.head.mlp import balanced_weights, predict_proba, train_head
 from sparseseg.head.predictor import HeadPredictor
@@ -99,7 +101,7 @@ class Engine:
     """The backbone and everything a round does with it (module docstring).
 
     Building an Engine loads the backbone; the strategy is built and checked by `prepare_strategy`
-    (a fully supervised run needs none), the expander on first use.
+    (a fully supervised run needs none), the expander on first use (`expander`).
 
     Args:
         settings: the round settings of an experiment or a project.
@@ -138,12 +140,19 @@ class Engine:
         return self.settings.expansion != "none"
 
     @property
-    def expander(self):
-        """The configured region expander, loaded on first use."""
-        if self._expander is None:
-            from sparseseg.expansion.registry import build_expander
+    def expansion(self) -> Expansion | None:
+        """The configured expansion (SAM or superpixels): keep threshold, training draw, model name."""
+        return expansion_of(self.settings)
 
-            self._expander = build_expander(self.settings.sam, self.device)
+    def expander(self, features: FeatureStore | None = None) -> Expander:
+        """The configured region expander, loaded on first use.
+
+        Args:
+            features: the store over the images it will expand, whose index is the image id it is
+                given; needed by regions grown in feature space (`superpixel.method: feature`) only.
+        """
+        if self._expander is None:
+            self._expander = self.expansion.build(self.device, features)
         return self._expander
 
     # ------------------------------------------------------------------ the head
@@ -159,9 +168,10 @@ class Engine:
         trainable = clicks.subset(clicks.trainable())
         if regions is None:
             return TrainingSet(trainable)
-        sam = self.settings.sam
+        expansion = self.expansion or Expansion("sam", self.settings.sam)  # regions handed in without expansion
         resolved = resolve(regions, clicked_pixels(clicks.image, clicks.y, clicks.x, size))
-        drawn = training_pixels(resolved, regions, sam.max_region_pixels, sam.region_weight, self.settings.seed)
+        drawn = training_pixels(resolved, regions, expansion.max_region_pixels, expansion.region_weight,
+                                self.settings.seed)
         return TrainingSet(trainable, drawn, resolved)
 
     def click_features(self, store: FeatureStore, data: TrainingSet) -> torch.Tensor:
@@ -172,7 +182,7 @@ class Engine:
     def train_head(self, store: FeatureStore, data: TrainingSet, round: int | str) -> nn.Module | None:
         """A fresh head on `data`, seeded by `head_seed(seed, round)`; None when there is nothing to train on.
 
-        Clicks weigh 1; with expansion, each click's drawn region pixels share `sam.region_weight`;
+        Clicks weigh 1; with expansion, each click's drawn region pixels share the region weight w;
         with `head.class_weighting: balanced` those weights are rescaled so every class seen weighs alike.
         """
         if len(data.clicks) == 0:

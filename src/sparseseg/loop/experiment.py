@@ -72,11 +72,11 @@ class Experiment:
         self.budget = config.budget_for(len(self.train.names))
         self.engine = Engine(config, self.class_names, default_size=self.meta.size)
         self.engine.prepare_strategy(len(self.train.names), self.meta.size, self.budget)
-        if self.engine.expands and self.run_dir.finished_rounds() < config.rounds:
-            self.engine.expander  # noqa: B018 -- a missing SAM fails before any file is written
         stores = self.engine.stores({config.train_split: self.train.images, config.eval_split: self.test.images},
                                     evaluation=[config.eval_split])
         self.train_store, self.test_store = stores[config.train_split], stores[config.eval_split]
+        if self.engine.expands and self.run_dir.finished_rounds() < config.rounds:
+            self.engine.expander(self.train_store)  # a missing SAM fails before any file is written
         self.run_dir.create(self.engine.expands)
         self.records = self.run_dir.read_records()
         self.labels = self.run_dir.read_labels(self.train.names, self.completed)
@@ -107,9 +107,7 @@ class Experiment:
             "budget_per_round": self.budget,
         }
         if self.engine.expands:
-            from sparseseg.expansion.registry import describe
-
-            info["expansion"] = {"method": cfg.expansion, "model": describe(cfg.sam), **cfg.sam.model_dump(mode="json")}
+            info["expansion"] = self.engine.expansion.record()
         self.run_dir.write_meta(info)
 
     # ------------------------------------------------------------------ helpers
@@ -160,8 +158,9 @@ class Experiment:
         new_regions = None
         if self.engine.expands:
             with self._phase(timings, "expand"):
-                new_regions = expand_clicks(self.engine.expander, self.train.images, picks.image, picks.y, picks.x,
-                                            answers, r, self.config.sam.tau, self._tick("expanding"))
+                new_regions = expand_clicks(self.engine.expander(self.train_store), self.train.images, picks.image,
+                                            picks.y, picks.x, answers, r, self.engine.expansion.tau,
+                                            self._tick("expanding"))
             self.regions = self.regions.upto(r - 1).concat(new_regions)
         # 3. retrain the head on every labelled pixel (features of new ones extracted once)
         with self._phase(timings, "train"):
@@ -205,7 +204,8 @@ class Experiment:
     def _write_round(self, r: int, record: dict, new_regions: RegionSet | None = None) -> None:
         names, classes = self.train.names, self.class_names
         if new_regions is not None:
-            self.run_dir.write_regions(r, new_regions, self.engine.expander.name, self.config.sam.tau, names, classes)
+            expansion = self.engine.expansion
+            self.run_dir.write_regions(r, new_regions, expansion.model, expansion.tau, names, classes)
         self.run_dir.write_labels(r, self.labels, names, classes)
         if self.config.preview_images:
             save_preview(self.run_dir.preview_path(r), r, self.labels, self.train.images, self.train.masks,

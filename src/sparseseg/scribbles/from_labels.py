@@ -1,9 +1,9 @@
-"""Scribble maps from sparseseg's own labels: a run's clicks, optionally grown into their SAM regions.
+"""Scribble maps from sparseseg's own labels: a run's clicks, optionally grown into their regions.
 
 A click answered with a class becomes one scribbled pixel of that class; a click answered void
-stays unlabelled. With regions (`expansion: sam`), every region pixel that the overlap rule of
-`sparseseg.expansion.regions.resolve` gives a class is scribbled too, so the map holds exactly the
-pixels the active-learning loop could train on.
+stays unlabelled. With regions (`expansion: sam` or `superpixel`), every region pixel that the
+overlap rule of `sparseseg.expansion.regions.resolve` gives a class is scribbled too, so the map
+holds exactly the pixels the active-learning loop could train on.
 """
 
 from __future__ import annotations
