@@ -54,23 +54,11 @@ differ where two gains agree to that rounding (exact duplicates included). With 
 the rows had the same bits in 32-row and 1024-row products, and the tests comparing the layouts
 pass; in float64 they need not.
 
-Memory. `max_memory_gb` caps the tensors a call allocates (the input features themselves are the
-caller's and are not counted; GB = 2^30 bytes); `herding_plan` turns the cap into a layout:
-
-* The dense layout needs the kernel (n² values) plus one (R, n) tile and a few (G, n) blocks.
-* The running state of the row-cache lazy greedy is small: per pool point two values (squared
-  norm, coverage) plus a few (R, n) kernel blocks. Whatever the cap leaves over holds the row
-  cache, whose size only changes speed, never the picks (labelled rows are evaluated in the same
-  fixed G-row batches in every layout).
-* When even that running state does not fit (about (2 + 3R) x 4 bytes per pool point in float32,
-  R = 32), the pool is split into S contiguous shards of near-equal size, each small enough to fit.
-  Shard s gets a budget k_s proportional to its size (largest remainder: the floors of k·n_s/n,
-  then one more pick to the shards with the largest fractional parts, lowest index first on ties)
-  and is herded exactly, with its coverage initialised from ALL labelled points and ALL picks of
-  shards 1..s-1 (not a random subset of them). This is an approximation of the global greedy: a
-  pick only counts coverage inside its own shard when it is chosen, and later shards see earlier
-  picks but not the reverse. Its coverage is measured against the exact greedy in the tests and
-  in `benchmarks/bench_herding.py --max-memory`.
+Memory. `max_memory_gb` caps the tensors a call allocates (not the caller's input features;
+GB = 2^30 bytes). `herding_plan` turns the cap into a layout -- dense, row cache, or exact herding
+of contiguous shards with budgets by largest remainder when even the running state does not fit
+(an approximation, measured in the tests and `benchmarks/bench_herding.py`); docs/performance.md
+gives the arithmetic.
 """
 
 from __future__ import annotations
