@@ -91,10 +91,11 @@ def pool_header(config: ExperimentConfig, names: list[str], labels: PixelLabels,
                      "herding": s.herding, "bandwidth_fraction": s.bandwidth_fraction,
                      "max_memory_gb": s.max_memory_gb, "noise_samples": s.noise_samples},
         "labels": torch.stack([labels.image, labels.y, labels.x]).T.tolist(),
-        "samples": samples, "dtype": dtype, "images_per_shard": images_per_shard,
+        "samples": samples,
     }
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    settings["labels"] = len(labels)
+    # the layout (shards, dtype) is compared on its own, with its own message (`PoolStore.create`)
+    settings.update(labels=len(labels), dtype=dtype, images_per_shard=images_per_shard)
     return {"config_hash": digest, "settings": settings, "names": names, "seed": config.seed,
             "split": config.train_split, "noise_samples": s.noise_samples}
 
