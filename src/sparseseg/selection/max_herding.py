@@ -40,20 +40,8 @@ lazy heap on (-gain, index).
 Memory. Nothing here ever needs the n x n kernel except the "naive" reference. `max_memory_gb`
 caps the tensors a call allocates (the input features themselves are the caller's and are not
 counted; GB = 2^30 bytes); `herding_plan` turns the cap into a layout:
-
-* The running state of lazy greedy is small: per pool point two values (squared norm, coverage)
-  plus a few (R, n) kernel blocks. Whatever the cap leaves over holds the row cache, whose size
-  only changes speed, never the picks: with a cap, picks are bit-identical to the uncapped lazy
-  and naive ones (labelled rows are evaluated in the same fixed R-row batches as everything else).
-* When even that running state does not fit (about (2 + 3R) x 4 bytes per pool point in float32,
-  R = 32), the pool is split into S contiguous shards of near-equal size, each small enough to fit.
-  Shard s gets a budget k_s proportional to its size (largest remainder: the floors of k·n_s/n,
-  then one more pick to the shards with the largest fractional parts, lowest index first on ties)
-  and is herded exactly, with its coverage initialised from ALL labelled points and ALL picks of
-  shards 1..s-1 (not a random subset of them). This is an approximation of the global greedy: a
-  pick only counts coverage inside its own shard when it is chosen, and later shards see earlier
-  picks but not the reverse. Its coverage is measured against the exact greedy in the tests and
-  in `benchmarks/bench_herding.py --max-memory`.
+the row cache takes what the cap leaves over (speed only, never the picks), and a pool whose running
+state does not fit is sharded, an approximation (the memory arithmetic: docs/performance.md).
 """
 
 from __future__ import annotations
