@@ -49,7 +49,8 @@ def _naive_sparse_greedy(nb: np.ndarray, d2: np.ndarray, k: int, sigma: float, c
     n = len(nb)
     kmat = np.zeros((n, n))
     for i in range(n):
-        kmat[i, nb[i]] = np.exp(-d2[i] / sigma**2)
+        found = nb[i] >= 0  # -1: the index found fewer neighbours
+        kmat[i, nb[i][found]] = np.exp(-d2[i][found] / sigma**2)
         kmat[i, i] = 1.0
     cov, out = cov.copy(), []
     for _ in range(k):
@@ -71,6 +72,16 @@ def test_knn_greedy_equals_the_naive_greedy_on_the_sparse_kernel(labelled):
     cov = np.exp(-lab_d2.double().numpy() / sigma**2) if labelled else np.zeros(len(z))
     got = knn_max_herding(graph.neighbours, graph.d2, 40, sigma, lab_d2).tolist()
     assert got == _naive_sparse_greedy(graph.neighbours.numpy(), graph.d2.double().numpy(), 40, sigma, cov)
+
+
+def test_knn_greedy_skips_missing_neighbours():
+    z = _clustered(200, 4, 6, clusters=6)
+    graph = build_knn_graph(lambda a, b: z[a:b], len(z), 4, neighbours=6, index="Flat")
+    nb = graph.neighbours.clone()
+    nb[::3, 4:] = -1  # as an inverted-file index reports rows it found fewer neighbours for
+    sigma = 0.5 * median_bandwidth(z, generator=torch.Generator().manual_seed(0))
+    got = knn_max_herding(nb, graph.d2, 25, sigma).tolist()
+    assert got == _naive_sparse_greedy(nb.numpy(), graph.d2.double().numpy(), 25, sigma, np.zeros(len(z)))
 
 
 def test_nearest_labelled_distance_is_the_cdist_minimum():

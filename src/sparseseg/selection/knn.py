@@ -177,6 +177,29 @@ def nearest_d2(read_rows: ReadRows, rows: tuple[int, int], labelled: torch.Tenso
     return torch.from_numpy(out)
 
 
+def _by_candidate(nb: np.ndarray, d2: np.ndarray, inv: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The sparse kernel as CSR by candidate j: the rows i it covers, k(z_i, z_j), offsets (n + 1,).
+
+    Edges are every kNN pair (i, nb[i, t]) plus each point's own (similarity 1), laid out flat as
+    e = i x kk + t, then n x kk + i; sorting the candidates of the edges (stably) groups them by j.
+    Int32 indices and one int64 sort order at a time keep the peak near 24 bytes per edge.
+    """
+    n, kk = nb.shape
+    itype = np.int32 if n < 2**31 else np.int64
+    cols = np.concatenate([nb.reshape(-1), np.arange(n)]).astype(itype)
+    cols[cols < 0] = n  # "no neighbour": a sentinel candidate past the end, dropped below
+    order = np.argsort(cols, kind="stable")
+    counts = np.bincount(cols, minlength=n + 1)
+    del cols
+    order = order[: len(order) - counts[n]]  # the sentinels sort last
+    ptr = np.concatenate([[0], np.cumsum(counts[:n])])
+    knn = order < n * kk
+    rows = np.where(knn, order // kk, order - n * kk).astype(itype)
+    sims = np.ones(len(order))
+    sims[knn] = np.exp(-np.maximum(d2.reshape(-1)[order[knn]].astype(np.float64), 0.0) * inv)
+    return rows, sims, ptr
+
+
 def knn_max_herding(neighbours: torch.Tensor, d2: torch.Tensor, k: int, sigma: float,
                     labelled_d2: torch.Tensor | None = None) -> torch.Tensor:
     """Exact lazy greedy of facility location on a kNN graph (module docstring).
@@ -197,18 +220,10 @@ def knn_max_herding(neighbours: torch.Tensor, d2: torch.Tensor, k: int, sigma: f
     if k == 0:
         return torch.empty(0, dtype=torch.long)
     inv = 1.0 / (float(sigma) ** 2)
-    # Edges (i covered by j, similarity): every kNN pair plus each point's own (similarity 1).
-    nb = neighbours.numpy()
-    valid = nb >= 0
-    rows = np.concatenate([np.repeat(np.arange(n), valid.sum(1)), np.arange(n)])
-    cols = np.concatenate([nb[valid], np.arange(n)])
-    sims = np.concatenate([np.exp(-np.maximum(d2.numpy()[valid].astype(np.float64), 0.0) * inv), np.ones(n)])
-    # Candidate j's edges, contiguous (CSR by j): the points it would cover.
-    order = np.argsort(cols, kind="stable")
-    rows, sims = rows[order], sims[order]
-    ptr = np.concatenate([[0], np.cumsum(np.bincount(cols, minlength=n))])
+    rows, sims, ptr = _by_candidate(neighbours.numpy(), d2.numpy(), inv)
     cov = np.zeros(n) if labelled_d2 is None else np.exp(-np.maximum(labelled_d2.numpy().astype(np.float64), 0.0) * inv)
-    gains = np.bincount(cols[order], weights=np.maximum(sims - cov[rows], 0.0), minlength=n)
+    # every candidate covers at least itself, so no segment of the CSR is empty
+    gains = np.add.reduceat(np.maximum(sims - cov[rows], 0.0), ptr[:-1])
     heap = [(-g, j) for j, g in enumerate(gains.tolist())]
     heapq.heapify(heap)
     out: list[int] = []
