@@ -97,7 +97,8 @@ def build_knn_graph(read_rows: ReadRows, n: int, dim: int, neighbours: int = 32,
         queries: [start, stop) rows to search for (one rank's share); None: all.
         nprobe: inverted lists visited per query (IVF indexes).
         chunk: rows read, added or searched at a time.
-        train_rows: rows a trainable index (IVF, PQ, SQ) is trained on, drawn with `seed`.
+        train_rows: rows a trainable index (IVF, PQ, SQ) is trained on, drawn with `seed`; at
+            least 40 per inverted list (FAISS's k-means asks for 39).
         device: a CUDA device moves the index to that GPU when FAISS has GPU support.
     """
     faiss = _faiss()
@@ -111,7 +112,9 @@ def build_knn_graph(read_rows: ReadRows, n: int, dim: int, neighbours: int = 32,
     seconds = {"train": 0.0, "add": 0.0, "search": 0.0}
     t = time.perf_counter()
     if not idx.is_trained:
-        take = torch.randperm(n, generator=derived_generator(seed, "knn-train"))[: min(n, train_rows)].sort().values
+        ivf = faiss.try_extract_index_ivf(idx)
+        rows = max(train_rows, 40 * ivf.nlist if ivf is not None else 0)
+        take = torch.randperm(n, generator=derived_generator(seed, "knn-train"))[: min(n, rows)].sort().values
         sample = torch.cat([read_rows(int(i), int(i) + 1) for i in take]) if len(take) < 4096 else \
             _gather_sorted(read_rows, take, chunk)
         idx.train(_numpy(sample))
@@ -121,7 +124,7 @@ def build_knn_graph(read_rows: ReadRows, n: int, dim: int, neighbours: int = 32,
     for s in range(0, n, chunk):
         idx.add(_numpy(read_rows(s, min(s + chunk, n))))
     seconds["add"] = time.perf_counter() - t
-    index_bytes = int(faiss.serialize_index(idx).nbytes) if n * dim <= 2**31 else _index_bytes(idx, n, dim, spec)
+    index_bytes = _index_bytes(faiss, idx, n)
     ivf = faiss.try_extract_index_ivf(idx)
     if ivf is not None:
         ivf.nprobe = nprobe
@@ -157,10 +160,12 @@ def _gather_sorted(read_rows: ReadRows, take: torch.Tensor, chunk: int) -> torch
     return torch.cat(parts)
 
 
-def _index_bytes(idx, n: int, dim: int, spec: str) -> int:
-    """Size estimate of an index too large to serialise into one buffer: its codes plus the quantiser."""
-    code = getattr(idx, "code_size", None) or getattr(getattr(idx, "codes", None), "size", lambda: 0)()
-    return int(n * (code or dim * 4))
+def _index_bytes(faiss, idx, n: int) -> int:
+    """Bytes the index holds: n codes (in an inverted file with an 8-byte id each) and its centroids."""
+    ivf = faiss.try_extract_index_ivf(idx)
+    if ivf is not None:
+        return int(n * (ivf.code_size + 8) + ivf.nlist * ivf.d * 4)
+    return int(n * idx.code_size)  # flat codes: d x 4 bytes (Flat), d (SQ8), m (PQm)
 
 
 def nearest_d2(read_rows: ReadRows, rows: tuple[int, int], labelled: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
