@@ -13,7 +13,7 @@ import numpy as np
 from sparseseg.annotate.importers import SKIP_LABEL
 from sparseseg.annotate.layout import DATA_DIR, HEAD_FILE, SPLIT
 from sparseseg.annotate.project import Project
-from sparseseg.data.dataset import read_rgb
+from sparseseg.data.readers import read_image
 from sparseseg.report.charts import SERIES_COLOURS, Chart, Series, bar_chart, line_chart
 from sparseseg.report.page import Page, esc, legend, table
 from sparseseg.report.previews import (
@@ -105,7 +105,7 @@ def _previews(proj: Project, count: int, predictions: bool, progress: Progress |
     cards = []
     for image in order:
         row = proj.image_rows[image]
-        rgb = np.asarray(read_rgb(proj.root / DATA_DIR / SPLIT / "images" / f"{row.name}.png"))
+        rgb = np.asarray(read_image(proj.root / DATA_DIR / SPLIT / "images" / f"{row.name}.png"))
         panels = [("points", with_markers(rgb, by_image[image], palette))]
         if head is not None:
             panels.append(("head's prediction", class_map(proj.predicted(head, image, progress)[0], palette)))
