@@ -26,7 +26,7 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("features", ("sparseseg.features",)),
     ("selection", ("sparseseg.selection",)),
     ("head and expansion", ("sparseseg.head", "sparseseg.expansion")),
-    ("loop", ("sparseseg.loop", "sparseseg.scribbles")),
+    ("loop", ("sparseseg.loop", "sparseseg.scribbles", "sparseseg.distributed")),
     ("applications", ("sparseseg.annotate", "sparseseg.compare", "sparseseg.scribblegen", "sparseseg.report")),
     ("cli", ("sparseseg.cli", "sparseseg.__main__")),
 ]

@@ -10,6 +10,7 @@ thin layer that parses options, calls a library function and prints.
     annotate.py     init, query, import, export, train, predict, status
     labelstudio.py  labelstudio connect | push | pull [--watch]
     report.py       report: one self-contained HTML page for a run, a comparison or a project
+    extract.py      extract, select, segment: the pipeline sharded over processes (torchrun)
 
 Importing a command module registers its commands on `app`; the order below is the order of
 `sparseseg --help`. The entry point is `sparseseg = "sparseseg.cli:app"`.
@@ -18,7 +19,7 @@ Importing a command module registers its commands on `app`; the order below is t
 from sparseseg.cli.app import app
 
 # isort: off
-from sparseseg.cli import prepare, backbone, experiment, compare, scribbles, scribblegen, annotate, labelstudio, report  # noqa: F401
+from sparseseg.cli import prepare, backbone, experiment, compare, scribbles, scribblegen, annotate, labelstudio, report, extract  # noqa: F401
 # isort: on
 
 __all__ = ["app"]

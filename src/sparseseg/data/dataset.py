@@ -252,16 +252,35 @@ def carve_split(split: Split, fraction: float, seed: int) -> tuple[Split, Split]
     return part(keep), part(~keep)
 
 
-def load_split(root: Path, split: str, progress: ProgressFn | None = None) -> Split:
+def _image_paths(root: Path, split: str, meta: DatasetMeta) -> list[Path]:
+    image_dir = root / split / "images"
+    if not image_dir.is_dir():
+        known = ", ".join(sorted(meta.splits)) or "none"
+        raise SparsesegError(f"{image_dir}: split folder missing (splits in meta.json: {known})")
+    paths = sorted(p for p in image_dir.iterdir() if p.suffix.lower() == ".png" and p.is_file())
+    if not paths:
+        raise SparsesegError(f"{image_dir}: no .png images in split folder")
+    return paths
+
+
+def split_names(root: Path, split: str) -> list[str]:
+    """The image stems of one split, in the order `load_split` reads them (nothing is decoded)."""
+    root = Path(root)
+    return [p.stem for p in _image_paths(root, split, load_meta(root))]
+
+
+def load_split(root: Path, split: str, progress: ProgressFn | None = None, only: range | None = None) -> Split:
     """Read every image (and mask, when the split has a masks folder) of one split.
 
     Args:
         root: the prepared dataset folder (holding meta.json).
         split: split name, e.g. "train".
         progress: called as progress(done, total) after each image.
+        only: read just these positions of the split's sorted images (one process's shard of a
+            split too large for one machine's memory); None: all.
 
     Returns:
-        The split, images in sorted stem order.
+        The split (or the part `only` names), images in sorted stem order.
 
     Raises:
         SparsesegError: missing or empty folder, unreadable file, wrong image size, a mask that is
@@ -269,14 +288,12 @@ def load_split(root: Path, split: str, progress: ProgressFn | None = None) -> Sp
     """
     root = Path(root)
     meta = load_meta(root)
-    image_dir = root / split / "images"
     mask_dir = root / split / "masks"
-    if not image_dir.is_dir():
-        known = ", ".join(sorted(meta.splits)) or "none"
-        raise SparsesegError(f"{image_dir}: split folder missing (splits in meta.json: {known})")
-    paths = sorted(p for p in image_dir.iterdir() if p.suffix.lower() == ".png" and p.is_file())
-    if not paths:
-        raise SparsesegError(f"{image_dir}: no .png images in split folder")
+    paths = _image_paths(root, split, meta)
+    if only is not None:
+        if only.step != 1 or only.start < 0 or only.stop > len(paths) or only.start > only.stop:
+            raise SparsesegError(f"{root / split}: images {only.start}..{only.stop} asked of a split of {len(paths)}")
+        paths = paths[only.start : only.stop]
     has_masks = mask_dir.is_dir()
     n, size = len(paths), meta.size
     images = np.empty((n, size, size, 3), dtype=np.uint8)

@@ -134,14 +134,29 @@ def median_bandwidth(
         raise SparsesegError(
             f"min_points={min_points!r}, max_points={max_points!r}; both must be integers >= 2"
         )
+    perm = bandwidth_subsample(n, fraction, min_points, max_points, generator).to(z.device)
+    return subsample_bandwidth(z[perm])
+
+
+def bandwidth_subsample(n: int, fraction: float = 0.01, min_points: int = 100, max_points: int = 2000,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """(m,) the rows `median_bandwidth` draws from an n-row pool with these arguments, in its order.
+
+    A pool spread over processes or files reads just these rows and passes them to
+    `subsample_bandwidth`: the same sigma as `median_bandwidth` on the whole pool, bit for bit.
+    """
     m = max(int(min_points), math.ceil(float(fraction) * n))
     m = min(m, int(max_points), n)
     gen_device = generator.device if generator is not None else torch.device("cpu")
-    perm = torch.randperm(n, generator=generator, device=gen_device)[:m].to(z.device)
-    sub = z[perm]
+    return torch.randperm(n, generator=generator, device=gen_device)[:m]
+
+
+def subsample_bandwidth(sub: torch.Tensor) -> float:
+    """σ = 2 x median pairwise distance of the (m, D) subsample rows, in the order given (m >= 2)."""
+    m = sub.shape[0]
     sq = (sub * sub).sum(dim=1)
     d2 = (sq[:, None] + sq[None, :] - 2.0 * (sub @ sub.T)).clamp_(min=0.0)
-    iu = torch.triu_indices(m, m, offset=1, device=z.device)
+    iu = torch.triu_indices(m, m, offset=1, device=sub.device)
     dist = d2[iu[0], iu[1]].sqrt()
     # Median of an even count: mean of the two middle values (numpy's convention).
     srt = torch.sort(dist.double()).values

@@ -217,30 +217,34 @@ class TwoStageStrategy(Strategy):
         by_image = ctx.labels.pixels_of(s)
         out = torch.full((len(ctx.store), k), -1, dtype=torch.long)
         for image in range(len(ctx.store)):
-            labelled = by_image.get(image, torch.empty(0, dtype=torch.long))
-            key = frozenset(labelled.tolist())
-            cached = self._local.get(image)
-            if cached is None or cached[0] != key:
-                cand = self._candidates(ctx, image, set(key))
-                ids = torch.full_like(cand, image)
-                z = ctx.store.at_pixels(ids, cand // s, cand % s)
-                covered = None
-                if len(labelled):
-                    li = torch.full_like(labelled, image)
-                    covered = ctx.store.at_pixels(li, labelled // s, labelled % s)
-                dim = self.config.local_projection
-                if dim is not None and dim < z.shape[1]:  # one projection per run (docs/performance.md)
-                    proj = random_projection(z.shape[1], dim, derived_generator(ctx.seed, "local-projection"))
-                    z, covered = z @ proj, None if covered is None else covered @ proj
-                # seeded by the image's labels, not the round: a cached result equals a recomputed one
-                picked, _ = self._cover(z, min(k, len(cand)), covered, derived_generator(ctx.seed, "sigma", image),
-                                        derived_generator(ctx.seed, "local", image, *sorted(key)))
-                self._local[image] = (key, cand[picked])
-            picks = self._local[image][1]
+            picks = self.local_picks_of(ctx, image, by_image.get(image, torch.empty(0, dtype=torch.long)))
             out[image, : len(picks)] = picks
             if ctx.progress is not None:
                 ctx.progress("local coverage", image + 1, len(ctx.store))
         return out
+
+    def local_picks_of(self, ctx: RoundContext, image: int, labelled: torch.Tensor) -> torch.Tensor:
+        """Stage 1a for one image: up to K flat pixel indices, given its labelled flat pixels (cached)."""
+        s, k = ctx.store.size, self.config.k_per_image
+        key = frozenset(labelled.tolist())
+        cached = self._local.get(image)
+        if cached is None or cached[0] != key:
+            cand = self._candidates(ctx, image, set(key))
+            ids = torch.full_like(cand, image)
+            z = ctx.store.at_pixels(ids, cand // s, cand % s)
+            covered = None
+            if len(labelled):
+                li = torch.full_like(labelled, image)
+                covered = ctx.store.at_pixels(li, labelled // s, labelled % s)
+            dim = self.config.local_projection
+            if dim is not None and dim < z.shape[1]:  # one projection per run (docs/performance.md)
+                proj = random_projection(z.shape[1], dim, derived_generator(ctx.seed, "local-projection"))
+                z, covered = z @ proj, None if covered is None else covered @ proj
+            # seeded by the image's labels, not the round: a cached result equals a recomputed one
+            picked, _ = self._cover(z, min(k, len(cand)), covered, derived_generator(ctx.seed, "sigma", image),
+                                    derived_generator(ctx.seed, "local", image, *sorted(key)))
+            self._local[image] = (key, cand[picked])
+        return self._local[image][1]
 
     def select(self, ctx: RoundContext) -> Picks:
         s = ctx.store.size
