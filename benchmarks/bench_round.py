@@ -51,6 +51,22 @@ Examples:
     python benchmarks/bench_round.py --part round --data /path/to/camvid128 --images 20 --rounds 2 \\
         --set backbone.name=efficientnet_lite0 --set strategy.name=two_stage_ebald --set head.dropout=0.1
 
+Part `noise` (the noise-sample features of eDALD / DALD on a diffusion backbone): `--keep` seeded
+pixels on each of the first `--images` training images of `--data`, features under noise samples
+1..`--samples` through a `FeatureStore` of the backbone that `--set` configures (e.g.
+`--set backbone.name=adm --set backbone.checkpoint=adm.pt`), side by side in one process, each side on a fresh store:
+
+    previous: one sample at a time over all images (`at_pixels(..., sample)`): a backbone call per
+        image and sample
+    new: `at_pixels_samples`, every sample of an image in one backbone call (a batch of samples)
+    again: the new side asked a second time (the next round, the image's picks unchanged):
+        remembered pixel features, no backbone call
+
+It prints seconds per image of each side, their ratio and the largest difference of the features.
+
+    python benchmarks/bench_round.py --part noise --data data/camvid64 --images 20 --keep 50 --samples 6 \
+        --set backbone.name=adm --set backbone.checkpoint=adm.pt --out benchmarks/results/round.json
+
 `--out` appends one record to a JSON list (created when missing): benchmark, hardware, date, the
 sizes, the seconds (for `local` also CPU seconds, ratios to the floor and identical_picks).
 """
@@ -74,7 +90,10 @@ from bench_herding import make_pool
 from PIL import Image
 
 from sparseseg.annotate.init import init_project
-from sparseseg.data.dataset import load_meta
+from sparseseg.backbones.registry import build_backbone
+from sparseseg.config import ProjectConfig, load_config
+from sparseseg.data.dataset import load_meta, load_split
+from sparseseg.features.store import FeatureStore
 from sparseseg.selection import kernels, strategies
 from sparseseg.selection.max_herding import coverage, herding_plan, max_herding
 
@@ -296,6 +315,51 @@ def round_part(args: argparse.Namespace) -> dict:
     }
 
 
+def noise_part(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    meta = load_meta(args.data)
+    split = load_split(args.data, "train", only=range(args.images))
+    config = load_config(None, args.set or [], schema=ProjectConfig)
+    backbone = build_backbone(config.backbone, "cpu", meta.size)
+    gen = torch.Generator().manual_seed(args.seed)
+    n, s = len(split.images), meta.size
+    image = torch.arange(n).repeat_interleave(args.keep)
+    flat = torch.cat([torch.randperm(s * s, generator=gen)[: args.keep] for _ in range(n)])
+    y, x = flat // s, flat % s
+    samples = list(range(1, args.samples + 1))
+
+    def store() -> FeatureStore:
+        return FeatureStore(backbone, split.images, seed=args.seed, split="train")
+
+    def previous(st: FeatureStore) -> torch.Tensor:
+        return torch.stack([st.at_pixels(image, y, x, smp) for smp in samples])
+
+    def new(st: FeatureStore) -> torch.Tensor:
+        out = torch.empty(len(samples), len(image), st.dim)
+        for idx, feats in st.at_pixels_samples(image, y, x, samples):
+            out[:, idx] = feats
+        return out
+
+    new_store = store()
+    store().sample_set_maps(0, samples[:1])  # warm-up: the first backbone call pays one-time costs
+    old, t_old, c_old = timed(lambda: previous(store()))
+    got, t_new, c_new = timed(lambda: new(new_store))
+    again, t_again, _ = timed(lambda: new(new_store))
+    diff = float((got - old).abs().max())
+    print(f"{n} images x {args.keep} pixels x {len(samples)} noise samples, {backbone.__class__.__name__} "
+          f"({new_store.dim} dims): previous {t_old / n:.3f} s/image, new {t_new / n:.3f} s/image "
+          f"(x{t_old / t_new:.2f}), again {t_again / n:.4f} s/image; largest feature difference {diff:.2e}")
+    return {
+        "benchmark": "noise_samples", "data": str(args.data), "images": n, "pixels_per_image": args.keep,
+        "samples": len(samples), "dim": new_store.dim, "overrides": args.set or [],
+        "seconds_per_image": {"previous": round(t_old / n, 4), "new": round(t_new / n, 4),
+                              "again": round(t_again / n, 5)},
+        "cpu_seconds_per_image": {"previous": round(c_old / n, 4), "new": round(c_new / n, 4)},
+        "ratio": round(t_old / t_new, 3), "max_feature_difference": diff,
+        "identical_again": bool(torch.equal(again, got)),
+    }
+
+
 def append_record(path: Path, record: dict, args: argparse.Namespace) -> None:
     """Append the run to a JSON list of records in the shared benchmark-results layout."""
     record = {
@@ -313,10 +377,11 @@ def append_record(path: Path, record: dict, args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("local", "round"), default="local")
+    ap.add_argument("--part", choices=("local", "round", "noise"), default="local")
+    ap.add_argument("--samples", type=int, default=6, help="noise: noise samples (M + 1 for eDALD)")
     ap.add_argument("--n", type=int, default=10_000, help="candidates per image")
     ap.add_argument("--dim", type=int, default=6144, help="feature dimension")
-    ap.add_argument("--keep", type=int, default=50, help="picks per image")
+    ap.add_argument("--keep", type=int, default=50, help="picks per image (noise: pixels per image)")
     ap.add_argument("--images", type=int, default=1, help="pools (local) or project images (round)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     ap.add_argument("--seed", type=int, default=0)
@@ -330,19 +395,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="round: rounds to run")
     ap.add_argument("--budget", type=int, default=None, help="round: pixels per round (default: the project's)")
     ap.add_argument("--herding", choices=("new", "current"), default="new", help="round: the herding path")
-    ap.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", help="round: project settings")
+    ap.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", help="round, noise: project settings")
     ap.add_argument("--out", type=Path, default=None, help="append a record to this JSON list")
     args = ap.parse_args(argv)
-    if args.part == "round":
-        if args.data is None:
-            ap.error("--part round needs --data (a prepared dataset)")
-        record = round_part(args)
-    else:
-        record = local_part(args)
+    if args.part in ("round", "noise") and args.data is None:
+        ap.error(f"--part {args.part} needs --data (a prepared dataset)")
+    record = {"round": round_part, "noise": noise_part, "local": local_part}[args.part](args)
     if args.out is not None:
         append_record(args.out, record, args)
     if args.part == "round":
         return 0
+    if args.part == "noise":
+        return 0 if record["identical_again"] and record["max_feature_difference"] < 1e-3 else 1
     ok = all(record["identical_picks"].values()) and record.get("parallel", {}).get("identical_picks", True)
     return 0 if ok else 1
 

@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 
 from sparseseg.annotate.coords import from_percent, from_pixels, to_percent, to_pixels
 from sparseseg.annotate.init import init_project
-from sparseseg.annotate.layout import round_dir
+from sparseseg.annotate.layout import STRATEGY_CACHE_FILE, round_dir
 from sparseseg.annotate.project import Project
 from sparseseg.annotate.store import DB_FILE, PAUSE_ENV
 from sparseseg.cli import app
@@ -265,6 +265,40 @@ def test_label_studio_round_trip_stores_each_answer_at_its_queried_pixel(world, 
     assert second.round == 2 and not second.coverage_only
     round1 = {(q["image"], q["y"], q["x"]) for q in queries(project)}
     assert not round1 & {(q["image"], q["y"], q["x"]) for q in queries(project, 2)}
+
+
+def test_the_strategy_cache_skips_unchanged_images_and_changes_no_pick(world, project, tmp_path, monkeypatch):
+    """Round 2 re-herds only the images that got answers; the picks equal a query without the cache."""
+    from sparseseg.selection import strategies
+
+    project.import_file(write_json(tmp_path / "ls.json", label_studio_export(project, 1, truthful(world))))
+    cache = project.root / STRATEGY_CACHE_FILE
+    assert cache.is_file()  # written by the first query
+    # twins without a usable cache: a damaged file, and one written for other settings or images
+    damaged, other = tmp_path / "damaged", tmp_path / "other"
+    for root in (damaged, other):
+        shutil.copytree(project.root, root)
+    (damaged / STRATEGY_CACHE_FILE).write_text("{not json")
+    (other / STRATEGY_CACHE_FILE).write_text(json.dumps({**json.loads(cache.read_text()), "fingerprint": "x"}))
+    calls = []
+    herd = strategies.max_herding
+    monkeypatch.setattr(strategies, "max_herding", lambda z, k, *a, **kw: calls.append(len(z)) or herd(z, k, *a, **kw))
+
+    def second_round(proj: Project) -> tuple[int, list[tuple[str, int, int]]]:
+        calls.clear()
+        proj.query()
+        return len(calls), [(q["image"], q["y"], q["x"]) for q in queries(proj, 2)]
+
+    answered = len({q["image"] for q in queries(project)})
+    images = len(list(world["images"].iterdir()))
+    cached, picks = second_round(project)
+    assert cached == answered + 1 < images + 1  # local herding of the answered images, then the global stage
+    for root in (damaged, other):
+        twin = Project(root)
+        try:
+            assert second_round(twin) == (images + 1, picks)
+        finally:
+            twin.close()
 
 
 def test_cvat_and_csv_round_trips_and_the_skip_answer(world, project, tmp_path):

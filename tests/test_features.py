@@ -85,3 +85,31 @@ def test_small_requests_are_remembered_without_rerunning_the_backbone():
     assert sum(calls) == 3  # a new pixel of image 0 needs its maps again
     store.at_pixels(torch.zeros(5, dtype=torch.long), torch.arange(5), torch.arange(5), sample=1)
     assert len(store._pixels[(0, 1)]) == 3  # a request above the limit is not remembered
+
+
+def test_every_noise_sample_of_an_image_comes_from_one_backbone_call():
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (3, 16, 16, 3), dtype=torch.uint8, generator=gen)
+    store = _store(images, cache_gb=1.0)
+    calls = []
+    extract = store.backbone.extract
+    store.backbone.extract = lambda x, n: calls.append(len(x)) or extract(x, n)
+    ids, ys, xs = torch.tensor([2, 0, 2, 1]), torch.tensor([1, 2, 3, 15]), torch.tensor([4, 5, 6, 0])
+    samples = [1, 2, 3]
+    got = torch.empty(len(samples), len(ids), store.dim)
+    for idx, feats in store.at_pixels_samples(ids, ys, xs, samples):
+        got[:, idx] = feats
+    assert calls == [3, 3, 3]  # one call per image, a batch of its three samples
+    store.backbone.extract = extract
+    # the same features as the paper's definition, sample by sample
+    for k, sample in enumerate(samples):
+        noise = torch.stack([store._noise(i, sample) for i in range(3)])
+        expected = _dense_reference(store.backbone, images, noise)[ids, :, ys, xs]
+        torch.testing.assert_close(got[k], expected, rtol=1e-5, atol=1e-6)
+    # asked again: every pixel is remembered, no backbone call; nothing entered the map cache
+    store.backbone.extract = lambda x, n: calls.append(len(x)) or extract(x, n)
+    again = torch.empty_like(got)
+    for idx, feats in store.at_pixels_samples(ids, ys, xs, samples):
+        again[:, idx] = feats
+    assert calls == [3, 3, 3] and not store._cache
+    torch.testing.assert_close(again, got, rtol=0, atol=0)

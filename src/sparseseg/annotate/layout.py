@@ -8,6 +8,8 @@
     rounds/<RRR>/           what `query` exported for round RRR (tasks.json, label_config.xml,
                             cvat.xml, queries.csv, review/<stem>.png)
     head.pt                 the head trained on all answers (retrained when they change)
+    strategy_cache.json     what the strategy keeps between rounds (the local picks of each image),
+                            with the settings and images it holds for; deleting it only costs time
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ DATA_DIR = "data"
 SPLIT = "train"
 ROUNDS_DIR = "rounds"
 HEAD_FILE = "head.pt"
+STRATEGY_CACHE_FILE = "strategy_cache.json"
 
 
 def round_dir(root: Path, round: int) -> Path:

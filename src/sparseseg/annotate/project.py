@@ -36,7 +36,14 @@ from sparseseg.annotate.export import (
     tasks_json,
 )
 from sparseseg.annotate.importers import parse_file
-from sparseseg.annotate.layout import DATA_DIR, HEAD_FILE, SPLIT, load_project_config, round_dir
+from sparseseg.annotate.layout import (
+    DATA_DIR,
+    HEAD_FILE,
+    SPLIT,
+    STRATEGY_CACHE_FILE,
+    load_project_config,
+    round_dir,
+)
 from sparseseg.annotate.regions import expand_new_clicks, stored_regions
 from sparseseg.annotate.review import crosshair_image
 from sparseseg.annotate.store import DB_FILE, AnnotationStore, Snapshot, now
@@ -51,6 +58,7 @@ if TYPE_CHECKING:  # heavy modules are imported only by the commands that run th
     from sparseseg.expansion.regions import RegionSet, Resolved
     from sparseseg.features.store import FeatureStore
     from sparseseg.loop.engine import Engine, TrainingSet
+    from sparseseg.selection.strategies import Strategy
 
 Progress = Callable[[str, int, int], None]
 REVIEW_TINT = 0.35  # opacity of the class colour over region pixels in review PNGs (the image stays readable)
@@ -294,16 +302,44 @@ class Project:
         if budget > free:
             raise SparsesegError(f"--budget {budget} is larger than the {free} pixels never queried")
         engine, store = self.engine(progress)
-        engine.prepare_strategy(n, self.size, budget)
+        strategy = engine.prepare_strategy(n, self.size, budget)
+        self._load_strategy_cache(strategy)
         head, _ = self.head(snap, progress)
         round = snap.next_round
         picks = engine.select(store, self._queried_labels(snap), head, budget, round, progress)
+        self._save_strategy_cache(strategy)
         pixels = list(zip(picks.image.tolist(), picks.y.tolist(), picks.x.tolist(), strict=True))
         info = {**picks.info, "coverage_only": head is None, "pending_before": len(pending)}
         with self.store.write():
             ids = self.store.add_round(snap.revision, round, self.config.strategy.name, budget,
                                        bool(pending), json.loads(json.dumps(info, default=float)), pixels)
         return QueryResult(round, len(ids), head is None, self.export_round(round))
+
+    def _strategy_fingerprint(self) -> str:
+        """What a cached strategy state holds for: every setting, the images and their size."""
+        text = json.dumps([self.config.model_dump(mode="json"), [r.name for r in self.image_rows], self.size])
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def _load_strategy_cache(self, strategy: Strategy) -> None:
+        """Restore what the strategy kept from the last query (the local picks: most of a round's
+        time on the CPU), unless the settings or the images changed since; a damaged file is only a
+        cache, so it is recomputed."""
+        path = self.root / STRATEGY_CACHE_FILE
+        try:
+            cached = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        if isinstance(cached, dict) and cached.get("fingerprint") == self._strategy_fingerprint():
+            try:
+                strategy.load_state_dict(cached.get("state", {}))
+            except (TypeError, ValueError, KeyError):
+                strategy.load_state_dict({})
+
+    def _save_strategy_cache(self, strategy: Strategy) -> None:
+        state = strategy.state_dict()
+        if state:
+            atomic_write_text(self.root / STRATEGY_CACHE_FILE,
+                              json.dumps({"fingerprint": self._strategy_fingerprint(), "state": state}))
 
     # ------------------------------------------------------------------ export
     def round_queries(self, round: int) -> list[Query]:

@@ -127,11 +127,16 @@ class FeatureStore:
         # images share a batch depends on the cache and the request, so batched maps would not be the same
         # on every call (a resumed run would end differently from an uninterrupted one).
         per_image = [self.backbone.extract(images[j : j + 1], noise[j : j + 1]) for j in range(len(pairs))]
-        maps = [torch.cat(parts).to(self.map_dtype) for parts in zip(*per_image, strict=True)]
-        if not all(bool(torch.isfinite(m).all()) for m in maps):  # damaged weights, or beyond map_dtype's range
-            raise SparsesegError(f"backbone features of {self.split} image(s) {sorted({i for i, _ in pairs})} hold NaN "
-                                 f"or infinite values (kept as {self.map_dtype}); is the checkpoint damaged?")
+        maps = self._checked([torch.cat(parts) for parts in zip(*per_image, strict=True)], [i for i, _ in pairs])
         return [[m[j] for m in maps] for j in range(len(pairs))]
+
+    def _checked(self, maps: list[torch.Tensor], images: Sequence[int]) -> list[torch.Tensor]:
+        """Maps rounded to `map_dtype`, refused when not finite (damaged weights, or beyond map_dtype's range)."""
+        maps = [m.to(self.map_dtype) for m in maps]
+        if not all(bool(torch.isfinite(m).all()) for m in maps):
+            raise SparsesegError(f"backbone features of {self.split} image(s) {sorted(set(images))} hold NaN "
+                                 f"or infinite values (kept as {self.map_dtype}); is the checkpoint damaged?")
+        return maps
 
     def maps(self, pairs: Sequence[tuple[int, int]]) -> list[list[torch.Tensor]]:
         """Native maps for each (image, sample) pair, requested in groups of `batch_size`, cached while room lasts."""
@@ -190,6 +195,46 @@ class FeatureStore:
             if progress is not None:
                 progress(min(start + self.batch_size, len(todo)), len(todo))
         return out
+
+    def sample_set_maps(self, image: int, samples: Sequence[int]) -> list[list[torch.Tensor]]:
+        """Native maps of one image under each of `samples`, from ONE backbone call (a batch of
+        len(samples)): the noise-sample features of eDALD / DALD cost one UNet pass per image and
+        timestep batch instead of one per sample. Kept out of the map cache, so that the same
+        (image, sample) never has maps from calls of different batch sizes (their last bits differ)."""
+        images = self._model_input([image]).to(self.device)
+        noise = torch.stack([self._noise(image, smp) for smp in samples]).to(self.device)
+        maps = self._checked(self.backbone.extract(images.expand(len(samples), -1, -1, -1), noise), [image])
+        return [[m[j] for m in maps] for j in range(len(samples))]
+
+    def at_pixels_samples(
+        self,
+        image_ids: torch.Tensor,
+        ys: torch.Tensor,
+        xs: torch.Tensor,
+        samples: Sequence[int],
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Features of pixels under several noise samples, image by image.
+
+        Yields (positions in the request, (len(samples), n_i, D) features) per image of the request,
+        every sample of an image from one `sample_set_maps` call. Memory stays at one image's
+        samples. Small requests are remembered as `at_pixels` remembers them, per (image, sample).
+        """
+        order = torch.argsort(image_ids, stable=True)
+        uniq, counts = torch.unique_consecutive(image_ids[order], return_counts=True)
+        for n, (img, idx) in enumerate(zip(uniq.tolist(), torch.split(order, counts.tolist()), strict=True)):
+            flat = (ys[idx] * self.size + xs[idx]).tolist()
+            known = [self._pixels.get((img, smp), {}) for smp in samples]
+            if all(f in k for k in known for f in flat):
+                feats = torch.stack([torch.stack([k[f] for f in flat]) for k in known])
+            else:
+                maps = self.sample_set_maps(img, samples)
+                feats = torch.stack([sample_maps(self.ready(m), ys[idx], xs[idx], self.size).cpu() for m in maps])
+                for smp, f in zip(samples, feats, strict=True):
+                    self._remember_pixels((img, smp), flat, f)
+            if progress is not None:
+                progress(n + 1, len(uniq))
+            yield idx, feats
 
     def labelled_features(self, image_ids: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
         """Deterministic features of labelled pixels, (n, D), remembered outside the cache budget.

@@ -24,7 +24,7 @@ one), so selection never runs the head itself.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -126,6 +126,7 @@ def score_features(
     samples: int,
     diffusion: bool,
     seed: int,
+    noise_proba: Callable[[Sequence[int]], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Scores (n,) of some pixels, higher = more informative.
 
@@ -136,6 +137,9 @@ def score_features(
         samples: S, the probability samples of MI-type scores.
         diffusion: whether the backbone's features depend on the noise sample.
         seed: seeds the MC-dropout masks (derive it from the round and the pixels scored).
+        noise_proba: noise sample indices -> (len, n, C) probabilities under them, for callers that
+            compute every sample of an image at once (`FeatureStore.at_pixels_samples`); without
+            it the noise samples come from `features_of`, one at a time.
     """
     spec = SCORES[name]
     fn = getattr(uncertainty, spec.formula)
@@ -148,6 +152,8 @@ def score_features(
             raise SparsesegError(f"{name} samples MC dropout from the head: set head.dropout > 0 (for example 0.1), "
                                  "or train an ensemble of heads (head.ensemble > 1)")
         probs = predictor.sample_proba(features_of(DETERMINISTIC), count, seed)
+    elif noise_proba is not None:
+        probs = noise_proba(range(1, count + 1))
     else:
         probs = torch.stack([predictor.proba(features_of(s)) for s in range(1, count + 1)])
     if spec.extra:

@@ -93,6 +93,14 @@ class Strategy:
         if budget > num_images * size * size:
             raise SparsesegError(f"budget {budget} is larger than the {num_images * size * size} pixels of the images")
 
+    def state_dict(self) -> dict:
+        """What the strategy caches across rounds, as plain lists (a labelling project keeps it on
+        disk between commands); {} for strategies that cache nothing."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()` of a strategy built from the same settings on the same images."""
+
 
 def check_strategy(strategy: Strategy, backbone, head_dropout: float, head_ensemble: int = 1) -> None:
     """Fail before any work when a strategy's scores cannot be computed with this backbone and head."""
@@ -246,6 +254,13 @@ class TwoStageStrategy(Strategy):
             self._local[image] = (key, cand[picked])
         return self._local[image][1]
 
+    def state_dict(self) -> dict:
+        return {"local": {image: [sorted(key), picks.tolist()] for image, (key, picks) in self._local.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._local = {int(image): (frozenset(key), torch.tensor(picks, dtype=torch.long))
+                       for image, (key, picks) in state.get("local", {}).items()}
+
     def select(self, ctx: RoundContext) -> Picks:
         s = ctx.store.size
         local = self._local_picks(ctx)
@@ -285,14 +300,24 @@ class TwoStageStrategy(Strategy):
             # noisy-sample features of an image's local picks are then remembered as one request, and
             # a later round asks the UNet again only for images whose local picks changed.
             def features_of(sample: int) -> torch.Tensor:
+                return ctx.store.at_pixels(image, y, x, sample)
+
+            def noise_proba(samples) -> torch.Tensor:
+                """Every noise sample of an image from one backbone call, image by image."""
                 tick = None
                 if ctx.progress is not None:
-                    tick = lambda done, total: ctx.progress(f"noise sample {sample}", done, total)  # noqa: E731
-                return ctx.store.at_pixels(image, y, x, sample, progress=tick)
+                    tick = lambda done, total: ctx.progress(f"noise samples ({len(samples)})", done, total)  # noqa: E731
+                probs = None
+                for idx, feats in ctx.store.at_pixels_samples(image, y, x, samples, progress=tick):
+                    p = ctx.predictor.proba(feats.flatten(0, 1)).view(len(samples), len(idx), -1)
+                    if probs is None:
+                        probs = torch.empty(len(samples), len(image), p.shape[-1])
+                    probs[:, idx] = p
+                return probs
 
             scores = score_features(self.score, ctx.predictor, features_of, ctx.noise_samples,
                                     is_diffusion(ctx.store.backbone),
-                                    derived_seed("dropout", ctx.seed, ctx.round, "pool"))[pool]
+                                    derived_seed("dropout", ctx.seed, ctx.round, "pool"), noise_proba)[pool]
         if self.config.balance == "predicted":
             predicted = ctx.predictor.proba(z[pool]).argmax(1)
             chosen = balanced_top(scores, predicted, ctx.budget)
@@ -378,6 +403,13 @@ class ScheduledStrategy(Strategy):
     def check_budget(self, num_images: int, size: int, budget: int) -> None:
         self.first.check_budget(num_images, size, budget)
         self.then.check_budget(num_images, size, budget)
+
+    def state_dict(self) -> dict:
+        return {"first": self.first.state_dict(), "then": self.then.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.first.load_state_dict(state.get("first", {}))
+        self.then.load_state_dict(state.get("then", {}))
 
     def select(self, ctx: RoundContext) -> Picks:
         active = self.first if ctx.round <= self.config.switch_after else self.then
