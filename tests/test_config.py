@@ -61,3 +61,21 @@ def test_the_default_strategy_fits_the_backbone():
     assert (project.backbone.name, project.strategy.name) == ("efficientnet_lite0", "two_stage_ebald")
     again = load_config(None, [f"{k}={v}" for k, v in (("strategy.name", "random"),)], schema=ProjectConfig)
     assert (again.strategy.name, again.head.dropout) == ("random", 0.0)
+
+
+def test_the_fast_preset_fills_only_what_is_not_given(tmp_path):
+    from sparseseg.config import FAST_PRESET
+
+    exact = load_config(None, ["data=d", "backbone.name=efficientnet_lite0"])
+    fast = load_config(None, ["data=d", "backbone.name=efficientnet_lite0", "strategy.preset=fast"])
+    assert exact.strategy.candidates_per_image == 10000 and fast.strategy.candidates_per_image == 2048
+    assert {k: getattr(fast.strategy, k) for k in FAST_PRESET} == FAST_PRESET
+    # everything else stays the exact default's, and a setting given explicitly wins over the preset
+    assert fast.strategy.model_copy(update={"preset": "exact", "candidates_per_image": 10000}) == exact.strategy
+    mine = load_config(None, ["data=d", "strategy.preset=fast", "strategy.candidates_per_image=512",
+                              "backbone.name=efficientnet_lite0"])
+    assert mine.strategy.candidates_per_image == 512
+    # the saved config says both the preset and what it set, and reads back the same
+    assert load_config(_write(tmp_path, dump_config(fast))) == fast
+    with pytest.raises(SparsesegError, match="strategy.preset"):
+        load_config(None, ["data=d", "backbone.name=efficientnet_lite0", "strategy.preset=quick"])
