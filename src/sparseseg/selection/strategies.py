@@ -300,7 +300,10 @@ class TwoStageStrategy(Strategy):
             # noisy-sample features of an image's local picks are then remembered as one request, and
             # a later round asks the UNet again only for images whose local picks changed.
             def features_of(sample: int) -> torch.Tensor:
-                return ctx.store.at_pixels(image, y, x, sample)
+                tick = None
+                if ctx.progress is not None:
+                    tick = lambda done, total: ctx.progress("pool features", done, total)  # noqa: E731
+                return ctx.store.at_pixels(image, y, x, sample, progress=tick)
 
             def noise_proba(samples) -> torch.Tensor:
                 """Every noise sample of an image from one backbone call, image by image."""
