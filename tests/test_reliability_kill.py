@@ -73,7 +73,12 @@ def kill_after(ctx, delay: float, target: str, *args) -> bool:
     if proc.exitcode is not None:
         assert proc.exitcode == 0, f"{target} exited with {proc.exitcode} before its kill"
         return False
-    os.kill(proc.pid, signal.SIGKILL)
+    try:
+        os.kill(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # it ended between the join's timeout and the kill (the forkserver reaped it)
+        proc.join()
+        assert proc.exitcode == 0, f"{target} exited with {proc.exitcode} before its kill"
+        return False
     proc.join()
     return True
 
