@@ -48,3 +48,35 @@ def save_tiny_adm(path: Path, input_size: int) -> Path:
     torch.save({"sparseseg_adm": 1, "flags": flags.model_dump(), "model": ADMUNet(flags).state_dict(), "ema": None,
                 "input_size": input_size}, path)
     return path
+
+
+def answer_first_round(proj, classes: list[str], path: Path) -> list[list[str]]:
+    """Answer round 1 of a project from a CSV: the first query `unsure`, the others class i % 3.
+    Returns the rows of round 1's queries.csv (query_id, image, x, y)."""
+    from sparseseg.annotate.layout import round_dir
+
+    queries = [line.split(",") for line in (round_dir(proj.root, 1) / "queries.csv").read_text().splitlines()[1:]]
+    path.write_text("query_id,class\n" + f"{queries[0][0]},unsure\n"
+                    + "".join(f"{q[0]},{classes[i % 3]}\n" for i, q in enumerate(queries[1:], 1)))
+    return queries
+
+
+def assert_review_shows_regions(proj, round: int) -> None:
+    """Each review PNG of `round` differs from the plain crosshair picture exactly when its image has resolved regions."""
+    import numpy as np
+    from PIL import Image
+
+    from sparseseg.annotate.layout import round_dir
+    from sparseseg.annotate.review import crosshair_image
+    from sparseseg.data.readers import read_image
+
+    out = round_dir(proj.root, round)
+    resolved = proj.resolved_regions()[1]
+    names = {r.id: r.name for r in proj.image_rows}
+    with_regions = {names[i] for i in resolved.image.tolist()}
+    rows = [line.split(",") for line in (out / "queries.csv").read_text().splitlines()[1:]]
+    for name in {p.stem for p in (out / "review").iterdir()}:
+        rgb = np.asarray(read_image(proj.root / "data" / "train" / "images" / f"{name}.png"))
+        plain = np.asarray(crosshair_image(rgb, [(int(q[0]), int(q[3]), int(q[2])) for q in rows if q[1] == name]))
+        review = np.asarray(Image.open(out / "review" / f"{name}.png"))
+        assert review.shape == plain.shape and np.array_equal(review, plain) != (name in with_regions), name

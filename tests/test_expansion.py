@@ -22,13 +22,10 @@ import yaml
 from PIL import Image
 
 from sparseseg.annotate.init import init_project
-from sparseseg.annotate.layout import round_dir
 from sparseseg.annotate.project import Project
-from sparseseg.annotate.review import crosshair_image
 from sparseseg.annotate.store import DB_FILE, SCHEMA_VERSION
 from sparseseg.compare import Comparison, StrategyResult, plan_comparison, render_markdown
 from sparseseg.config import HeadConfig, SamExpansionConfig, dump_config, load_config
-from sparseseg.data.readers import read_image
 from sparseseg.data.synthetic import SYNTHETIC_CLASSES, make_synthetic
 from sparseseg.errors import SparsesegError
 from sparseseg.expansion.base import choose, masks_to_image, model_to_pixel, pixel_to_model, resized_shape
@@ -38,7 +35,7 @@ from sparseseg.expansion.sam_hf import TransformersSam
 from sparseseg.head.mlp import train_head
 from sparseseg.labels import IGNORE
 from sparseseg.loop.experiment import Experiment
-from tests.conftest import save_tiny_adm
+from tests.conftest import answer_first_round, assert_review_shows_regions, save_tiny_adm
 
 transformers = pytest.importorskip("transformers")
 
@@ -377,11 +374,8 @@ def test_human_loop_stores_trains_on_and_draws_regions(world, tmp_path):
     proj = init_project(root, world / "data" / "train" / "images", tmp_path / "classes.txt", size=SIZE,
                         overrides=settings, backbone={"checkpoint": str(world / "adm.pt")})
     proj.query()
-    queries = [line.split(",") for line in (round_dir(root, 1) / "queries.csv").read_text().splitlines()[1:]]
-    answers = tmp_path / "a.csv"
-    answers.write_text("query_id,class\n" + f"{queries[0][0]},unsure\n"
-                       + "".join(f"{q[0]},{SYNTHETIC_CLASSES[i % 3]}\n" for i, q in enumerate(queries[1:], 1)))
-    result = proj.import_file(answers)
+    queries = answer_first_round(proj, SYNTHETIC_CLASSES, tmp_path / "a.csv")
+    result = proj.import_file(tmp_path / "a.csv")
     assert result.regions == 2 and result.expansion_error is None  # the skipped click is not expanded
     conn = sqlite3.connect(root / DB_FILE)
     rows = conn.execute("SELECT query_id, model, tau, kept, pixels, mask FROM regions ORDER BY query_id").fetchall()
@@ -402,16 +396,7 @@ def test_human_loop_stores_trains_on_and_draws_regions(world, tmp_path):
     second = proj.query()
     resolved = proj.resolved_regions()[1]
     assert len(resolved) > 0  # random SAM weights give large masks
-    names = {r.id: r.name for r in proj.image_rows}
-    for name in {p.stem for p in (round_dir(root, second.round) / "review").iterdir()}:
-        rgb = np.asarray(read_image(root / "data" / "train" / "images" / f"{name}.png"))
-        points = [(int(q[0]), int(q[3]), int(q[2])) for q in
-                  (line.split(",") for line in (round_dir(root, second.round) / "queries.csv").read_text().splitlines()[1:])
-                  if q[1] == name]
-        plain = np.asarray(crosshair_image(rgb, points))
-        review = np.asarray(Image.open(round_dir(root, second.round) / "review" / f"{name}.png"))
-        has_regions = name in {names[i] for i in resolved.image.tolist()}
-        assert review.shape == plain.shape and np.array_equal(review, plain) != has_regions, name
+    assert_review_shows_regions(proj, second.round)
     proj.close()
 
 

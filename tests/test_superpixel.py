@@ -21,8 +21,6 @@ from scipy import ndimage
 from skimage.segmentation import felzenszwalb, slic
 
 from sparseseg.annotate.init import init_project
-from sparseseg.annotate.layout import round_dir
-from sparseseg.annotate.review import crosshair_image
 from sparseseg.annotate.store import DB_FILE
 from sparseseg.config import SuperpixelConfig, load_config
 from sparseseg.data.dataset import load_split
@@ -37,7 +35,7 @@ from sparseseg.features.store import DETERMINISTIC, FeatureStore
 from sparseseg.labels import IGNORE
 from sparseseg.loop.experiment import Experiment
 from sparseseg.loop.preview import PANEL, save_preview
-from tests.conftest import ToyBackbone, save_tiny_adm
+from tests.conftest import ToyBackbone, answer_first_round, assert_review_shows_regions, save_tiny_adm
 
 SIZE = 32
 
@@ -358,17 +356,13 @@ def test_project_stores_trains_on_and_draws_superpixel_regions(world, tmp_path):
                         overrides=settings, backbone={"checkpoint": str(world / "adm.pt")})
     model = "superpixel:felzenszwalb(scale=50,sigma=0.5,min_size=10,max_pixels=40)"
     proj.query()
-    queries = [line.split(",") for line in (round_dir(root, 1) / "queries.csv").read_text().splitlines()[1:]]
-    answers = tmp_path / "a.csv"
-    answers.write_text("query_id,class\n" + f"{queries[0][0]},unsure\n"
-                       + "".join(f"{q[0]},{SYNTHETIC_CLASSES[i % 3]}\n" for i, q in enumerate(queries[1:], 1)))
-    result = proj.import_file(answers)
+    queries = answer_first_round(proj, SYNTHETIC_CLASSES, tmp_path / "a.csv")
+    result = proj.import_file(tmp_path / "a.csv")
     assert result.regions == 2 and result.expansion_error is None
     conn = sqlite3.connect(root / DB_FILE)
     rows = conn.execute("SELECT query_id, model, tau, score, kept, pixels, mask FROM regions ORDER BY query_id").fetchall()
     conn.close()
     assert [r[0] for r in rows] == [int(q[0]) for q in queries[1:]]
-    names = {r.id: r.name for r in proj.image_rows}
     for r, q in zip(rows, queries[1:], strict=True):
         assert r[1:5] == (model, 0.0, 1.0, 1)
         mask = np.asarray(Image.open(io.BytesIO(r[6])))
@@ -383,16 +377,7 @@ def test_project_stores_trains_on_and_draws_superpixel_regions(world, tmp_path):
     assert trained.region_pixels == len(proj.resolved_regions()[1])
     assert proj.status()["regions"][0]["model"] == model
     second = proj.query()
-    resolved = proj.resolved_regions()[1]
-    for name in {p.stem for p in (round_dir(root, second.round) / "review").iterdir()}:
-        rgb = np.asarray(read_image(root / "data" / "train" / "images" / f"{name}.png"))
-        points = [(int(q[0]), int(q[3]), int(q[2])) for q in
-                  (line.split(",") for line in (round_dir(root, second.round) / "queries.csv").read_text().splitlines()[1:])
-                  if q[1] == name]
-        plain = np.asarray(crosshair_image(rgb, points))
-        review = np.asarray(Image.open(round_dir(root, second.round) / "review" / f"{name}.png"))
-        has_regions = name in {names[i] for i in resolved.image.tolist()}
-        assert review.shape == plain.shape and np.array_equal(review, plain) != has_regions, name
+    assert_review_shows_regions(proj, second.round)
     proj.close()
 
 
