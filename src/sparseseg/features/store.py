@@ -60,6 +60,14 @@ def sample_maps(maps: Sequence[torch.Tensor], ys: torch.Tensor, xs: torch.Tensor
     return F.normalize(torch.cat(parts, dim=1), dim=1)
 
 
+def by_image(image_ids: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """A request's pixels grouped by image: (image, positions in the request), images ascending,
+    positions in request order."""
+    order = torch.argsort(image_ids, stable=True)
+    uniq, counts = torch.unique_consecutive(image_ids[order], return_counts=True)
+    return list(zip(uniq.tolist(), torch.split(order, counts.tolist()), strict=True))
+
+
 class FeatureStore:
     """Features of one split's images under a backbone, with a bounded cache of native maps.
 
@@ -175,10 +183,8 @@ class FeatureStore:
         UNet again only for images whose requested pixels changed.
         """
         out = torch.empty(len(image_ids), self.dim)
-        order = torch.argsort(image_ids, stable=True)
-        uniq, counts = torch.unique_consecutive(image_ids[order], return_counts=True)
         todo = []
-        for img, idx in zip(uniq.tolist(), torch.split(order, counts.tolist()), strict=True):
+        for img, idx in by_image(image_ids):
             flat = (ys[idx] * self.size + xs[idx]).tolist()
             known = self._pixels.get((img, sample), {})
             if all(f in known for f in flat):
@@ -220,9 +226,8 @@ class FeatureStore:
         every sample of an image from one `sample_set_maps` call. Memory stays at one image's
         samples. Small requests are remembered as `at_pixels` remembers them, per (image, sample).
         """
-        order = torch.argsort(image_ids, stable=True)
-        uniq, counts = torch.unique_consecutive(image_ids[order], return_counts=True)
-        for n, (img, idx) in enumerate(zip(uniq.tolist(), torch.split(order, counts.tolist()), strict=True)):
+        groups = by_image(image_ids)
+        for n, (img, idx) in enumerate(groups):
             flat = (ys[idx] * self.size + xs[idx]).tolist()
             known = [self._pixels.get((img, smp), {}) for smp in samples]
             if all(f in k for k in known for f in flat):
@@ -233,7 +238,7 @@ class FeatureStore:
                 for smp, f in zip(samples, feats, strict=True):
                     self._remember_pixels((img, smp), flat, f)
             if progress is not None:
-                progress(n + 1, len(uniq))
+                progress(n + 1, len(groups))
             yield idx, feats
 
     def labelled_features(self, image_ids: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
