@@ -18,6 +18,8 @@ from sparseseg.data.dataset import (
     CAMVID_CLASSES,
     CAMVID_PALETTE,
     DatasetMeta,
+    Split,
+    carve_split,
     default_palette,
     images_to_model_input,
     is_dataset,
@@ -421,3 +423,18 @@ def test_synthetic_defaults_and_test_split_stable(tmp_path: Path) -> None:
     # Test images do not depend on how many training images were drawn.
     d, e = _digest(tmp_path / "d"), _digest(tmp_path / "e")
     assert all(d[k] == e[k] for k in d if k.startswith("test/"))
+
+
+def test_whole_sequences_are_held_out_by_name_prefix():
+    names = ["0001TP_0010", "0001TP_0020", "0006R0_0010", "0016E5_0010", "0016E5_0020", "0016E5_0030"]
+    split = Split(names, torch.arange(6).view(6, 1, 1, 1).expand(6, 2, 2, 3).to(torch.uint8),
+                  torch.arange(6).view(6, 1, 1).expand(6, 2, 2).to(torch.uint8))
+    rest, held = carve_split(split, 0.5, seed=3, prefixes=["0006R0", "0001TP"])
+    assert held.names == ["0001TP_0010", "0001TP_0020", "0006R0_0010"]
+    assert rest.names == ["0016E5_0010", "0016E5_0020", "0016E5_0030"]
+    # images and masks travel with their names
+    assert held.images[:, 0, 0, 0].tolist() == [0, 1, 2] and rest.masks[:, 0, 0].tolist() == [3, 4, 5]
+    with pytest.raises(SparsesegError, match=r"val_prefixes \['Seq05VD'\]: no image of the 6"):
+        carve_split(split, 0.5, seed=0, prefixes=["Seq05VD"])
+    with pytest.raises(SparsesegError, match="every image .* nothing would be left to train on"):
+        carve_split(split, 0.5, seed=0, prefixes=["00"])

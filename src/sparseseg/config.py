@@ -261,6 +261,9 @@ class ExperimentConfig(RoundSettings):
     train_split: str = "train"
     val_fraction: float = Field(0.2, gt=0, lt=1)  # share of the training images held out as "val"
     val_seed: int = 0  # which images are held out: the same for every run seed, so seeds stay paired
+    # Hold out the training images whose name starts with one of these instead (whole video sequences,
+    # e.g. [0006R0] on CamVid): frames of the same sequence as the pool make a lenient validation set.
+    val_prefixes: list[str] = Field(default_factory=list)
     preview_images: int = Field(4, ge=0)  # images drawn with their picks in each round's PNG
 
     @model_validator(mode="after")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import colorsys
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -230,19 +230,30 @@ class Split:
         return len(self.names)
 
 
-def carve_split(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
-    """Hold out a seeded share of a split's images: (the rest, the held-out images), both in name order.
+def carve_split(split: Split, fraction: float, seed: int, prefixes: Sequence[str] = ()) -> tuple[Split, Split]:
+    """Hold out part of a split's images: (the rest, the held-out images), both in name order.
 
-    round(fraction x N) images, at least 1 and at most N - 1, are chosen by a permutation seeded by
-    ("validation", seed) alone, so every run with the same data and seed holds out the same images.
+    Without `prefixes`, round(fraction x N) images, at least 1 and at most N - 1, are chosen by a
+    permutation seeded by ("validation", seed) alone, so every run with the same data and seed holds
+    out the same images. With `prefixes`, the held-out images are those whose name starts with one of
+    them (whole video sequences, such as CamVid's "0006R0"), so that no held-out image is a near-copy
+    of a neighbouring frame in the rest; `fraction` and `seed` are then unused.
     """
     n = len(split)
     if n < 2:
         raise SparsesegError(f"a split of {n} image(s) cannot be divided into a training and a validation part")
-    count = min(max(1, round(fraction * n)), n - 1)
-    held = torch.randperm(n, generator=derived_generator("validation", seed))[:count].sort().values
     keep = torch.ones(n, dtype=torch.bool)
-    keep[held] = False
+    if prefixes:
+        held = [i for i, name in enumerate(split.names) if name.startswith(tuple(prefixes))]
+        if not held or len(held) == n:
+            found = "no image" if not held else "every image"
+            raise SparsesegError(f"val_prefixes {list(prefixes)}: {found} of the {n} training images starts with "
+                                 f"one of them (names look like {split.names[0]!r}); nothing would be left to "
+                                 f"{'evaluate on' if not held else 'train on'}")
+        keep[held] = False
+    else:
+        count = min(max(1, round(fraction * n)), n - 1)
+        keep[torch.randperm(n, generator=derived_generator("validation", seed))[:count]] = False
 
     def part(mask: torch.Tensor) -> Split:
         idx = mask.nonzero().squeeze(1)

@@ -33,8 +33,9 @@ def load_splits(config: ExperimentConfig, progress: Progress | None = None) -> t
     """The training and evaluation splits of a run, both with masks.
 
     With `eval_split: val` on a dataset that has no val split, `val_fraction` of the training images
-    (chosen by `val_seed` alone) are held out for evaluation and the rest are trained on, so settings
-    can be chosen without looking at the test split.
+    (chosen by `val_seed` alone), or the images named by `val_prefixes` (whole sequences), are held
+    out for evaluation and the rest are trained on, so settings can be chosen without looking at the
+    test split.
     """
     def load(split: str) -> Split:
         tick = (lambda done, total: progress(f"loading {split}", done, total)) if progress else None
@@ -45,7 +46,7 @@ def load_splits(config: ExperimentConfig, progress: Progress | None = None) -> t
 
     train = load(config.train_split)
     if config.eval_split == VALIDATION and VALIDATION not in load_meta(config.data).splits:
-        return carve_split(train, config.val_fraction, config.val_seed)
+        return carve_split(train, config.val_fraction, config.val_seed, config.val_prefixes)
     return train, load(config.eval_split)
 
 
