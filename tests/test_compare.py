@@ -26,6 +26,7 @@ from sparseseg.compare import (
     t_quantile,
     table1_gain,
 )
+from sparseseg.compare.results import check_supervised
 from sparseseg.config import dump_config, load_config
 from sparseseg.data.synthetic import SYNTHETIC_CLASSES, make_synthetic
 from sparseseg.errors import SparsesegError
@@ -209,6 +210,11 @@ def test_supervised_reference_samples_labelled_pixels_and_scores_like_a_run(setu
     assert all(r["reached_80"].endswith("/2") for r in rows)
     with pytest.raises(SparsesegError, match="computed with eval_split=test, the comparison uses train"):
         compare(config, ["random"], [0], out, ["eval_split=train"], supervised=root / "sup", run=False)
+    # on a validation split carved from the training images, the held-out images must be the same
+    val = load_config(config, ["eval_split=val", "val_prefixes=[img_00]"])
+    check_supervised({"config": {**sup["config"], "eval_split": "val", "val_prefixes": ["img_00"]}}, val, root / "sup")
+    with pytest.raises(SparsesegError, match=r"computed with val_prefixes=\[\], the comparison uses \['img_00'\]"):
+        check_supervised({"config": {**sup["config"], "eval_split": "val", "val_prefixes": []}}, val, root / "sup")
 
 
 def test_a_failing_run_is_reported_and_the_others_finish(setup):

@@ -241,7 +241,10 @@ def check_supervised(sup: dict, config: ExperimentConfig, path: Path) -> None:
     """The reference must score the same data split with the same backbone."""
     theirs = sup.get("config") or {}
     mine = config.model_dump(mode="json")
-    for key in ("data", "eval_split", "backbone.checkpoint"):
+    keys = ["data", "eval_split", "backbone.checkpoint"]
+    if mine["eval_split"] == "val":  # which training images are held out
+        keys += ["val_fraction", "val_seed", "val_prefixes"]
+    for key in keys:
         section, _, name = key.rpartition(".")
         a = (theirs.get(section) or {}).get(name) if section else theirs.get(name)
         b = mine[section][name] if section else mine[name]
