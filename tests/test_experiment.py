@@ -1,13 +1,15 @@
 """The simulated loop end to end on a tiny random ADM: files, resume, bad input."""
 
 import json
+import shutil
 
 import pytest
 
 from sparseseg.config import load_config
+from sparseseg.data.dataset import load_meta, save_meta
 from sparseseg.data.synthetic import make_synthetic
 from sparseseg.errors import SparsesegError
-from sparseseg.loop.experiment import Experiment
+from sparseseg.loop.experiment import Experiment, load_splits
 from tests.conftest import save_tiny_adm
 
 SIZE = 32
@@ -111,6 +113,20 @@ def test_a_validation_split_is_held_out_of_the_training_images(setup):
     assert picks and set(picks) <= set(first.train.names)
     meta = json.loads((root / "val0" / "meta.json").read_text())
     assert meta["dataset"]["eval_split"] == "val" and meta["dataset"]["test_images"] == 2
+
+
+def test_val_prefixes_on_data_with_its_own_val_split_is_refused(setup, tmp_path):
+    root, ckpt = setup
+    data = tmp_path / "data"
+    shutil.copytree(root / "data", data)
+    shutil.copytree(data / "test", data / "val")
+    meta = load_meta(data)
+    meta.splits["val"] = meta.splits["test"]
+    save_meta(meta, data)
+    config = _config(root, ckpt, tmp_path / "run", f"data={data}", "eval_split=val")
+    assert load_splits(config)[1].names == load_splits(config.model_copy(update={"eval_split": "test"}))[1].names
+    with pytest.raises(SparsesegError, match=r"has a val split of its own, so val_prefixes \['img'\] would hold out"):
+        load_splits(config.model_copy(update={"val_prefixes": ["img"]}))
 
 
 def _run_one(exp):

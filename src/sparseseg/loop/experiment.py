@@ -47,6 +47,9 @@ def load_splits(config: ExperimentConfig, progress: Progress | None = None) -> t
     train = load(config.train_split)
     if config.eval_split == VALIDATION and VALIDATION not in load_meta(config.data).splits:
         return carve_split(train, config.val_fraction, config.val_seed, config.val_prefixes)
+    if config.eval_split == VALIDATION and config.val_prefixes:
+        raise SparsesegError(f"{config.data}: has a val split of its own, so val_prefixes {config.val_prefixes} "
+                             "would hold out nothing; drop val_prefixes or evaluate on another split")
     return train, load(config.eval_split)
 
 
