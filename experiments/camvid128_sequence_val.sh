@@ -36,3 +36,8 @@ done
 $BIN/sparseseg compare configs/camvid128_effnet.yaml --seeds 0,1,2,3,4 --jobs 3 --set "data=$DATA" --set eval_split=test \
     --set budget=37 --set preview_images=1 --set backbone.input_size=256 --strategies random,two_stage_ebald \
     --set strategy.pool_ratio=0.1 --out "$OUT/test_pool_0.1"
+
+# 5. test split: the ensemble head with Random's clicks (the head's own gain, paired with step 4's Random)
+$BIN/sparseseg compare configs/camvid128_effnet.yaml --seeds 0,1,2,3,4 --jobs 3 --set "data=$DATA" --set eval_split=test \
+    --set budget=37 --set preview_images=1 --set backbone.input_size=256 --strategies random \
+    --set head.dropout=0 --set head.ensemble=6 --out "$OUT/test_random_ensemble"
