@@ -251,6 +251,10 @@ class RoundSettings(_Frozen):
         return self.budget if self.budget is not None else max(1, round(self.budget_fraction * num_images))
 
 
+#: The split settings are chosen on: carved from `train_split` when the data has no split of this name.
+VALIDATION = "val"
+
+
 class ExperimentConfig(RoundSettings):
     """A simulated active-learning experiment (the oracle is the ground-truth mask)."""
 

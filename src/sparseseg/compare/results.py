@@ -15,7 +15,7 @@ from sparseseg.compare.plan import Point, RunSpec
 from sparseseg.compare.rundir import read_rounds, training_pixels
 from sparseseg.compare.runner import run_status
 from sparseseg.compare.stats import PairedDifference, curve_mean, mean_std, paired_difference, rounds_to_reach
-from sparseseg.config import ExperimentConfig
+from sparseseg.config import VALIDATION, ExperimentConfig
 from sparseseg.errors import SparsesegError
 
 TARGETS = (0.8, 0.9)  # fractions of the fully supervised mIoU (Table 5)
@@ -242,7 +242,7 @@ def check_supervised(sup: dict, config: ExperimentConfig, path: Path) -> None:
     theirs = sup.get("config") or {}
     mine = config.model_dump(mode="json")
     keys = ["data", "eval_split", "backbone.checkpoint"]
-    if mine["eval_split"] == "val":  # which training images are held out
+    if mine["eval_split"] == VALIDATION:  # which training images are held out
         keys += ["val_fraction", "val_seed", "val_prefixes"]
     for key in keys:
         section, _, name = key.rpartition(".")

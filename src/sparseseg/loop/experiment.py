@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sparseseg.config import ExperimentConfig
+from sparseseg.config import VALIDATION, ExperimentConfig
 from sparseseg.data.dataset import Split, carve_split, load_meta, load_split
 from sparseseg.device import peak_memory_gb
 from sparseseg.errors import SparsesegError
@@ -26,7 +26,6 @@ from sparseseg.loop.preview import save_preview
 from sparseseg.loop.rundir import RunDirectory
 
 Progress = Callable[[str, int, int], None]
-VALIDATION = "val"
 
 
 def load_splits(config: ExperimentConfig, progress: Progress | None = None) -> tuple[Split, Split]:
@@ -45,11 +44,12 @@ def load_splits(config: ExperimentConfig, progress: Progress | None = None) -> t
         return data
 
     train = load(config.train_split)
-    if config.eval_split == VALIDATION and VALIDATION not in load_meta(config.data).splits:
-        return carve_split(train, config.val_fraction, config.val_seed, config.val_prefixes)
-    if config.eval_split == VALIDATION and config.val_prefixes:
-        raise SparsesegError(f"{config.data}: has a val split of its own, so val_prefixes {config.val_prefixes} "
-                             "would hold out nothing; drop val_prefixes or evaluate on another split")
+    if config.eval_split == VALIDATION:
+        if VALIDATION not in load_meta(config.data).splits:
+            return carve_split(train, config.val_fraction, config.val_seed, config.val_prefixes)
+        if config.val_prefixes:
+            raise SparsesegError(f"{config.data}: has a val split of its own, so val_prefixes {config.val_prefixes} "
+                                 "would hold out nothing; drop val_prefixes or evaluate on another split")
     return train, load(config.eval_split)
 
 
